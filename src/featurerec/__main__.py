@@ -1,0 +1,5 @@
+"""``python -m featurerec`` runs the CLI."""
+
+from featurerec.cli import main
+
+main()
