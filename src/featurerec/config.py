@@ -130,6 +130,17 @@ class MonitoringConfig(_Section):
     spec: str = "builtin:monitoring.json"
     #: Maps alert names such as "slack://ml-alerts" to webhook URLs.
     webhooks: dict[str, str] = Field(default_factory=dict)
+    #: Sinks every alert goes to besides a metric's own ``alert`` ("log" or a webhook name/URL).
+    default_sinks: list[str] = Field(default_factory=lambda: ["log"])
+    #: Metrics without an explicit alert threshold alert when this much worse than target
+    #: (relative: 0.5 = below half the target, or above 1.5x it for lower-is-better metrics).
+    alert_margin: float = Field(default=0.5, gt=0)
+    #: Alert state (one alert per breach), relative to the data directory unless absolute.
+    state_file: str = "monitoring/alert_state.json"
+    #: Serving metrics source: a JSONL request log (relative to the data directory unless
+    #: absolute) or an http(s) URL of the server's Prometheus /metrics.
+    serving_metrics: str = "serving/requests.jsonl"
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0)
 
 
 class ExperimentsConfig(_Section):
