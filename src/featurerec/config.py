@@ -89,6 +89,8 @@ class WindowsConfig(_Section):
     jaccard_min_strength: float = Field(default=0.2, ge=0)
     jaccard_min_shared: int = Field(default=3, ge=1)
     jaccard_top_k: int = Field(default=20, gt=0)
+    #: How many of each user's most recent distinct features ml.user_recent_features keeps.
+    recent_features: int = Field(default=5, gt=0)
 
 
 class FeatureEntry(_Section):
