@@ -198,7 +198,7 @@ def test_empty_window_is_a_clear_data_error(db):
 
 def test_missing_and_empty_events_table():
     with DuckDBEngine(":memory:", init_schema=False) as bare:
-        with pytest.raises(DataError, match="missing table.*events"):
+        with pytest.raises(DataError, match=r"missing table.*events"):
             latest_event_time(bare)
         with pytest.raises(DataError, match=r"missing table\(s\) events"):
             run_sql_transform(bare, "interaction_matrix_v2.sql", _settings(), AS_OF)
@@ -293,7 +293,7 @@ def test_context_vectors(db):
 # -- recent features ------------------------------------------------------------------------
 def test_recent_features(db):
     s = _settings(recent_features=2)
-    with pytest.raises(DataError, match="missing table.*ml.user_feature_interactions"):
+    with pytest.raises(DataError, match=r"missing table.*ml\.user_feature_interactions"):
         run_sql_transform(db, "user_recent_features.sql", s, AS_OF)
     run_sql_transform(db, "interaction_matrix_v2.sql", s, AS_OF)
     assert run_sql_transform(db, "user_recent_features.sql", s, AS_OF) == 12
