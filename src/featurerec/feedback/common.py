@@ -52,3 +52,16 @@ def resolve_as_of(engine: Any, as_of: datetime | None) -> datetime:
             "(`featurerec ingest`) or serve recommendations first, or pass --as-of"
         )
     return ts
+
+
+_PARAM = re.compile(r"\$([A-Za-z_]\w*)")
+
+
+def bind(sql: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``params`` that ``sql`` references (DuckDB rejects extra parameters)."""
+    code = "\n".join(line.split("--", 1)[0] for line in sql.splitlines())
+    used = set(_PARAM.findall(code))
+    missing = used - set(params)
+    if missing:
+        raise DataError(f"SQL parameter(s) not supplied: {sorted(missing)}")
+    return {k: v for k, v in params.items() if k in used}
