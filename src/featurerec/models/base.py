@@ -87,6 +87,9 @@ class TrainingData:
     #: user_id -> feature_used event count.
     event_counts: dict[str, int]
     as_of: str = ""
+    #: Optional, same sparsity as ``matrix``: first use of each (user, feature) in the
+    #: window, as epoch days (float). Lets training cut a validation window without SQL.
+    first_used: sp.csr_matrix | None = None
 
     def user_states(self, user_ids: Sequence[str] | None = None) -> list[UserState]:
         ids = self.users if user_ids is None else list(user_ids)

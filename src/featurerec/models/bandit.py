@@ -1,0 +1,270 @@
+"""Contextual bandit ranker: disjoint linear (LinUCB-style) reward models per feature.
+
+For a (user, candidate feature ``a``) pair the context vector is::
+
+    x = [1, upstream score, one-hot(role), one-hot(plan), one-hot(team size bucket),
+         one-hot(industry), one-hot(segment cold / warm / active)]
+
+and each arm (feature) has its own ridge regression ``r ~ theta_a . x``, so the model
+learns which features pay off for which contexts and how much to trust the upstream
+(collaborative / context / transition) score. The prior mean is ``theta_0 = e_upstream``
+(weight 1 on the upstream score), so before any feedback the ranker orders candidates by
+their upstream score, as the spec asks; data pulls the weights away from the prior.
+
+Training data is weighted by inverse propensity (``1 / max(propensity, 1/max_ipw)``) when
+it comes from logged recommendations (``ml.recommendation_feedback``), which corrects for
+the logging policy showing some features more than others. ``update`` takes one batch
+(river-style ``learn_many``); each batch decays the exploration rate by ``decay_factor``
+(spec: 0.1, 0.995). Exploration itself is the epsilon-greedy slate policy of
+:mod:`featurerec.models.ranking`, whose propensities are exact; an optional UCB bonus
+(``ucb_alpha`` * sqrt(x' A^-1 x)) is deterministic and keeps them exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Self
+
+import numpy as np
+
+from featurerec.errors import ModelError
+from featurerec.models.base import TrainingData, UserState
+from featurerec.models.common import (
+    Calibrator,
+    ItemSpace,
+    read_artifact,
+    segment_of,
+    write_artifact,
+)
+
+CONTEXT_FIELDS = ("role", "plan", "team_size_bucket", "industry")
+SEGMENTS = ("cold", "warm", "active")
+
+
+@dataclass(frozen=True)
+class BanditParams:
+    """Bandit hyperparameters (spec: exploration_rate 0.1, decay_factor 0.995)."""
+
+    exploration_rate: float = 0.1
+    decay_factor: float = 0.995
+    #: Ridge precision of the prior (larger = slower to move away from the upstream order).
+    prior_precision: float = 1.0
+    ucb_alpha: float = 0.0
+    #: Cap on inverse-propensity weights (clipped IPS).
+    max_ipw: float = 20.0
+    #: Minimum exploration after decay.
+    min_exploration: float = 0.0
+    cold_start_max_events: int = 5
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.exploration_rate <= 1:
+            raise ModelError(
+                f"bandit: exploration_rate must be in [0, 1] (got {self.exploration_rate})"
+            )
+        if not 0 < self.decay_factor <= 1:
+            raise ModelError(f"bandit: decay_factor must be in (0, 1] (got {self.decay_factor})")
+        if self.prior_precision <= 0:
+            raise ModelError(f"bandit: prior_precision must be > 0 (got {self.prior_precision})")
+        if self.max_ipw < 1:
+            raise ModelError(f"bandit: max_ipw must be >= 1 (got {self.max_ipw})")
+
+
+class ContextualBandit:
+    """Per-feature linear reward models over user context and the upstream score."""
+
+    name = "bandit"
+
+    def __init__(self, params: BanditParams | None = None, seed: int = 0) -> None:
+        self.params = params or BanditParams()
+        self.seed = seed
+        self.space = ItemSpace([])
+        self.vocab: dict[str, list[str]] = {}
+        self.A: np.ndarray = np.zeros((0, 0, 0))
+        self.b: np.ndarray = np.zeros((0, 0))
+        self.theta: np.ndarray = np.zeros((0, 0))
+        self.updates = 0
+        self.observations = 0
+        self.calibrator: Calibrator | None = None
+
+    # -- layout ---------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return 2 + sum(len(v) for v in self.vocab.values()) + len(SEGMENTS)
+
+    @property
+    def epsilon(self) -> float:
+        p = self.params
+        return max(p.min_exploration, p.exploration_rate * p.decay_factor**self.updates)
+
+    def _prior(self) -> tuple[np.ndarray, np.ndarray]:
+        d, n = self.dim, len(self.space)
+        lam = self.params.prior_precision
+        theta0 = np.zeros(d)
+        theta0[1] = 1.0
+        A = np.repeat((lam * np.eye(d))[None], n, axis=0)
+        b = np.repeat((lam * theta0)[None], n, axis=0)
+        return A, b
+
+    def fit(self, data: TrainingData) -> Self:
+        """Set up the item space and context vocabulary; no feedback yet (prior only)."""
+        if not data.features:
+            raise ModelError("bandit: the training data has no features")
+        self.space = ItemSpace(data.features)
+        self.vocab = {}
+        for f in CONTEXT_FIELDS:
+            vals = sorted({str(getattr(c, f)) for c in data.contexts.values() if getattr(c, f)})
+            self.vocab[f] = vals
+        self.A, self.b = self._prior()
+        self.theta = np.linalg.solve(self.A, self.b[..., None])[..., 0]
+        self.updates = 0
+        self.observations = 0
+        self.calibrator = None
+        return self
+
+    def user_features(self, users: Sequence[UserState]) -> np.ndarray:
+        """(n, dim) context part of x (the upstream slot is left 0, the bias is 1)."""
+        n = len(users)
+        x = np.zeros((n, self.dim), dtype=np.float64)
+        x[:, 0] = 1.0
+        offset = 2
+        for f in CONTEXT_FIELDS:
+            idx = {v: i for i, v in enumerate(self.vocab[f])}
+            cols = np.array(
+                [idx.get(str(getattr(u.context, f)), -1) for u in users], dtype=np.int64
+            )
+            has = cols >= 0
+            x[np.nonzero(has)[0], offset + cols[has]] = 1.0
+            offset += len(self.vocab[f])
+        cold = self.params.cold_start_max_events
+        seg = np.array(
+            [SEGMENTS.index(segment_of(u.event_count, cold)) for u in users], dtype=np.int64
+        )
+        x[np.arange(n), offset + seg] = 1.0
+        return x
+
+    def features(self, users: Sequence[UserState], upstream: np.ndarray) -> np.ndarray:
+        """(n, c, dim) context vectors for each (user, candidate)."""
+        xu = self.user_features(users)
+        x = np.repeat(xu[:, None, :], upstream.shape[1], axis=1)
+        x[:, :, 1] = np.nan_to_num(upstream, neginf=0.0, posinf=1.0)
+        return x
+
+    # -- predict / learn ------------------------------------------------------------------
+    def predict(
+        self, users: Sequence[UserState], cand_ids: np.ndarray, upstream: np.ndarray
+    ) -> np.ndarray:
+        """(n, c) greedy scores (expected reward, plus the UCB bonus if enabled).
+        Padding candidates (id -1) get -inf."""
+        if len(self.space) == 0:
+            raise ModelError("bandit: not fitted")
+        x = self.features(users, upstream)
+        safe = np.maximum(cand_ids, 0)
+        theta = self.theta[safe]  # (n, c, d)
+        s = np.einsum("ncd,ncd->nc", theta, x)
+        if self.params.ucb_alpha > 0:
+            Ainv = np.linalg.inv(self.A)[safe]
+            bonus = np.sqrt(np.maximum(np.einsum("ncd,ncde,nce->nc", x, Ainv, x), 0))
+            s = s + self.params.ucb_alpha * bonus
+        return np.where(cand_ids >= 0, s, -np.inf)
+
+    def calibrated(self, scores: np.ndarray) -> np.ndarray:
+        """Greedy scores mapped to 0..1 (ECDF of predictions seen at the last update)."""
+        if self.calibrator is None:
+            return np.clip(np.nan_to_num(scores, neginf=0.0), 0.0, 1.0).astype(np.float32)
+        return self.calibrator(np.nan_to_num(scores, neginf=-1e9))
+
+    def update(
+        self,
+        users: Sequence[UserState],
+        item_ids: np.ndarray,
+        upstream: np.ndarray,
+        rewards: np.ndarray,
+        propensities: np.ndarray | None = None,
+        *,
+        decay: bool = True,
+    ) -> Self:
+        """Learn from one batch of shown (user, item) pairs and their rewards.
+
+        Arrays are 1-D, aligned with ``users``. ``propensities`` (logged) turn on
+        inverse-propensity weighting; ``decay=False`` learns without counting a
+        feedback batch (used for warm-starting from organic adoptions).
+        """
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        rewards = np.asarray(rewards, dtype=np.float64)
+        n = len(users)
+        if not (len(item_ids) == len(rewards) == n == len(upstream)):
+            raise ModelError(
+                f"bandit.update: users ({n}), item_ids ({len(item_ids)}), upstream "
+                f"({len(upstream)}) and rewards ({len(rewards)}) must have the same length"
+            )
+        keep = (item_ids >= 0) & (item_ids < len(self.space))
+        if propensities is not None:
+            p = np.asarray(propensities, dtype=np.float64)
+            w = 1.0 / np.maximum(np.nan_to_num(p, nan=1.0), 1.0 / self.params.max_ipw)
+        else:
+            w = np.ones(n)
+        x = self.features(users, np.asarray(upstream, dtype=np.float64)[:, None])[:, 0, :]
+        x, items, r, w = x[keep], item_ids[keep], rewards[keep], w[keep]
+        wx = x * w[:, None]
+        order = np.argsort(items, kind="stable")
+        items_sorted = items[order]
+        uniq, starts = np.unique(items_sorted, return_index=True)
+        ends = np.r_[starts[1:], len(items_sorted)]
+        A, b = self.A.copy(), self.b.copy()
+        for a, s0, s1 in zip(uniq, starts, ends, strict=True):
+            sel = order[s0:s1]
+            A[a] += wx[sel].T @ x[sel]
+            b[a] += wx[sel].T @ r[sel]
+        self.A, self.b = A, b
+        self.theta = np.linalg.solve(self.A, self.b[..., None])[..., 0]
+        self.observations += int(keep.sum())
+        if decay:
+            self.updates += 1
+        if len(x):
+            preds = np.einsum("nd,nd->n", self.theta[items], x)
+            self.calibrator = Calibrator.fit(preds, seed=self.seed)
+        return self
+
+    # -- Scorer-style API -----------------------------------------------------------------
+    def score(self, users: Sequence[UserState], upstream: np.ndarray | None = None) -> np.ndarray:
+        """(n, n_items) greedy scores for every item (upstream 0 unless given (n, n_items))."""
+        n, m = len(users), len(self.space)
+        ids = np.broadcast_to(np.arange(m), (n, m))
+        up = np.zeros((n, m)) if upstream is None else upstream
+        return self.predict(users, ids, up).astype(np.float32)
+
+    def save(self, path: Path) -> None:
+        arrays = {"A": self.A, "b": self.b}
+        if self.calibrator is not None:
+            arrays["calibrator"] = self.calibrator.quantiles
+        write_artifact(
+            path,
+            self.name,
+            {
+                "features": self.space.features,
+                "vocab": self.vocab,
+                "params": asdict(self.params),
+                "seed": self.seed,
+                "updates": self.updates,
+                "observations": self.observations,
+            },
+            arrays,
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> Self:
+        meta, arrays = read_artifact(path, cls.name)
+        obj = cls(BanditParams(**meta["params"]), seed=int(meta["seed"]))
+        obj.space = ItemSpace(meta["features"])
+        obj.vocab = {k: list(v) for k, v in meta["vocab"].items()}
+        obj.A, obj.b = arrays["A"], arrays["b"]
+        if obj.A.shape != (len(obj.space), obj.dim, obj.dim):
+            raise ModelError(f"{path}: bandit matrices do not match its feature/vocab layout")
+        obj.theta = np.linalg.solve(obj.A, obj.b[..., None])[..., 0]
+        obj.updates = int(meta["updates"])
+        obj.observations = int(meta["observations"])
+        if "calibrator" in arrays:
+            obj.calibrator = Calibrator(arrays["calibrator"])
+        return obj

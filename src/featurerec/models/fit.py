@@ -1,0 +1,303 @@
+"""Training of a whole :class:`ModelBundle` from one :class:`TrainingData`.
+
+Steps (all seeded, all from the same data, no SQL):
+
+1. Validation split: interactions first used in the last ``validation_days`` before the
+   as-of time are held out (their first use is the label), the rest is the "pre" data.
+2. ALS hyperparameter search on that split (a handful of settings of factors /
+   regularization / alpha), picked by ndcg@5 of the collaborative ranking, because no fixed
+   setting is best for every product. Skipped when ``als_params`` is given.
+3. The sequence blend weight is picked the same way (ndcg@5 of the blended candidate score).
+4. Bandit warm start: the upstream models are fitted on the pre data, and each bandit
+   (hybrid, sequence_aware) learns from the organic adoptions of the validation window
+   (reward 1 if the candidate was adopted, propensity 1: no logging policy involved).
+   Logged recommendation feedback, when it exists, is added later with IPW
+   (:func:`featurerec.models.training.contextual_bandit`).
+5. Every upstream model is refitted on the full data; the bandits keep what they learned
+   (their inputs are percentiles, so they transfer between the two fits).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from featurerec.evaluation.metrics import ndcg_at_k
+from featurerec.models.als import ALSParams, ALSScorer
+from featurerec.models.bandit import BanditParams, ContextualBandit
+from featurerec.models.base import TrainingData, UserState, top_k
+from featurerec.models.baselines import PopularityScorer, RandomScorer
+from featurerec.models.common import Calibrator, ItemSpace
+from featurerec.models.context import ContextScorer
+from featurerec.models.sequence import SequenceScorer
+from featurerec.models.strategies import BANDIT_STRATEGIES, BundleConfig, ModelBundle
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ALS_GRID: tuple[ALSParams, ...] = (
+    ALSParams(64, 0.01, 15, 40.0),  # spec default
+    ALSParams(64, 0.1, 15, 10.0),
+    ALSParams(32, 0.05, 15, 40.0),
+    ALSParams(32, 1.0, 15, 10.0),
+    ALSParams(16, 0.1, 15, 5.0),
+    ALSParams(16, 5.0, 15, 40.0),
+)
+TRANSITION_WEIGHTS = (0.0, 0.15, 0.3, 0.5)
+
+Progress = Callable[[float, float, str], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What :func:`train_bundle` does; every field has a sensible default."""
+
+    als_params: ALSParams | None = None
+    als_grid: tuple[ALSParams, ...] = DEFAULT_ALS_GRID
+    bandit: BanditParams = field(default_factory=BanditParams)
+    validation_days: float = 7.0
+    cold_start_max_events: int = 5
+    n_candidates: int = 20
+    transition_weight: float | None = None
+    sequence_decay: float = 0.5
+    #: Cap on users used for the search and the warm start (sampled, seeded).
+    max_validation_users: int = 50_000
+    seed: int = 0
+
+
+@dataclass
+class ValidationSplit:
+    """``pre``: the data before the cut; ``targets`` (users x items) adopted after it."""
+
+    pre: TrainingData
+    targets: np.ndarray
+    cut_day: float
+
+    @property
+    def eval_rows(self) -> np.ndarray:
+        return np.nonzero(self.targets.any(axis=1))[0]
+
+
+@dataclass
+class TrainReport:
+    als_params: dict[str, Any]
+    search: list[dict[str, Any]] = field(default_factory=list)
+    transition_weight: float = 0.0
+    transition_search: list[dict[str, float]] = field(default_factory=list)
+    warm_start_rows: int = 0
+    validation_users: int = 0
+
+
+def validation_split(data: TrainingData, days: float) -> ValidationSplit | None:
+    """Cut ``data`` at ``max(first_used) - days``; None without ``first_used`` or targets."""
+    fu = data.first_used
+    if fu is None or fu.nnz == 0:
+        return None
+    fu = sp.csr_matrix(fu)
+    m = sp.csr_matrix(data.matrix)
+    if fu.shape != m.shape:
+        return None
+    cut = float(fu.data.max()) - days
+    # align first_used values with the matrix's nonzeros
+    fu_at = np.asarray(fu[m.nonzero()]).ravel()
+    rows, cols = m.nonzero()
+    pre_mask = (fu_at > 0) & (fu_at < cut)
+    post_mask = fu_at >= cut
+    if not post_mask.any() or not pre_mask.any():
+        return None
+    vals = np.asarray(m[rows, cols]).ravel()
+    pre_m = sp.csr_matrix((vals[pre_mask], (rows[pre_mask], cols[pre_mask])), shape=m.shape)
+    targets = np.zeros(m.shape, dtype=bool)
+    targets[rows[post_mask], cols[post_mask]] = True
+    pre_sets = [set() for _ in range(m.shape[0])]  # type: list[set[str]]
+    for r, c in zip(rows[pre_mask], cols[pre_mask], strict=True):
+        pre_sets[r].add(data.features[c])
+    recent = {}
+    counts = {}
+    for i, u in enumerate(data.users):
+        recent[u] = tuple(f for f in data.recent.get(u, ()) if f in pre_sets[i])
+        counts[u] = data.event_counts.get(u, 0) if pre_sets[i] else 0
+    pre = replace(
+        data,
+        matrix=pre_m,
+        recent=recent,
+        event_counts=counts,
+        first_used=None,
+        # transitions are kept: a documented approximation (they cover a 30-day window)
+    )
+    return ValidationSplit(pre=pre, targets=targets, cut_day=cut)
+
+
+def _sample_rows(rows: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    if len(rows) <= cap:
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, cap, replace=False))
+
+
+def _ndcg(scores: np.ndarray, exclude: np.ndarray, targets: np.ndarray, k: int = 5) -> float:
+    ids, _ = top_k(scores, k, exclude)
+    return float(ndcg_at_k(ids, targets, k).mean()) if len(ids) else 0.0
+
+
+def search_als(
+    split: ValidationSplit,
+    grid: Sequence[ALSParams],
+    seed: int = 0,
+    max_users: int = 50_000,
+    progress: Progress | None = None,
+) -> tuple[ALSParams, list[dict[str, Any]]]:
+    """Fit each setting on ``split.pre`` and rank the held-out adopters; best ndcg@5 wins
+    (ties: the earlier setting in ``grid``)."""
+    rows = _sample_rows(split.eval_rows, max_users, seed)
+    states = split.pre.user_states([split.pre.users[i] for i in rows])
+    space = ItemSpace(split.pre.features)
+    from featurerec.models.common import adopted_mask
+
+    excl = adopted_mask(states, space)
+    targets = split.targets[rows]
+    table = []
+    best: tuple[float, int] = (-1.0, 0)
+    for i, params in enumerate(grid):
+        model = ALSScorer(params, seed=seed).fit(split.pre)
+        score = _ndcg(model.score(states), excl, targets)
+        table.append({**asdict(params), "ndcg@5": round(score, 4)})
+        if score > best[0]:
+            best = (score, i)
+        if progress:
+            progress(i + 1, len(grid), f"ALS search {i + 1}/{len(grid)}")
+    return grid[best[1]], table
+
+
+def fit_upstream(data: TrainingData, als_params: ALSParams, config: TrainConfig) -> ModelBundle:
+    """Fit every non-bandit component on ``data`` and calibrate their scores."""
+    als = ALSScorer(als_params, seed=config.seed).fit(data)
+    context = ContextScorer().fit(data)
+    sequence = SequenceScorer(decay=config.sequence_decay).fit(data)
+    popularity = PopularityScorer().fit(data)
+    rnd = RandomScorer(seed=config.seed).fit(data)
+    rows = _sample_rows(np.arange(len(data.users)), 20_000, config.seed)
+    states = data.user_states([data.users[i] for i in rows])
+    calibrators = {
+        "als": Calibrator.fit(als.score(states), seed=config.seed),
+        "context": Calibrator.fit(context.score(states), seed=config.seed),
+        "sequence": Calibrator.fit(sequence.score(states), seed=config.seed),
+    }
+    return ModelBundle(
+        features=list(data.features),
+        context=context,
+        popularity=popularity,
+        random=rnd,
+        als=als,
+        sequence=sequence,
+        calibrators=calibrators,
+        config=BundleConfig(
+            cold_start_max_events=config.cold_start_max_events,
+            n_candidates=config.n_candidates,
+            transition_weight=config.transition_weight or 0.0,
+            exploration_rate=config.bandit.exploration_rate,
+        ),
+    )
+
+
+def _pick_transition_weight(
+    bundle: ModelBundle, states: list[UserState], excl: np.ndarray, targets: np.ndarray
+) -> tuple[float, list[dict[str, float]]]:
+    table = []
+    best = (-1.0, 0.0)
+    for w in TRANSITION_WEIGHTS:
+        bundle.config = replace(bundle.config, transition_weight=w)
+        s = bundle.strategy("sequence_aware") if "sequence_aware" in bundle.available() else None
+        if s is None:
+            break
+        score = _ndcg(s.full_scores(states), excl, targets)
+        table.append({"transition_weight": w, "ndcg@5": round(score, 4)})
+        if score > best[0] + 1e-9:
+            best = (score, w)
+    return best[1], table
+
+
+def warm_start_bandits(
+    bundle: ModelBundle,
+    split: ValidationSplit,
+    params: BanditParams,
+    seed: int = 0,
+    max_users: int = 50_000,
+) -> int:
+    """Teach each bandit from organic adoptions in the validation window (see module doc).
+
+    All users (adopters and not) contribute: each candidate shown is a row with reward 1
+    if the user adopted it in the window. Returns the number of rows learned from."""
+    rows = _sample_rows(np.arange(len(split.pre.users)), max_users, seed)
+    states = split.pre.user_states([split.pre.users[i] for i in rows])
+    targets = split.targets[rows]
+    n_rows = 0
+    for name in BANDIT_STRATEGIES:
+        bandit = bundle.bandits[name]
+        strat = bundle.strategy(name)
+        ids, scores = strat.candidates(states, bundle.config.n_candidates)
+        valid = ids >= 0
+        r_idx, c_idx = np.nonzero(valid)
+        item = ids[r_idx, c_idx]
+        reward = targets[r_idx, item].astype(np.float64)
+        bandit.update([states[i] for i in r_idx], item, scores[r_idx, c_idx], reward, decay=False)
+        n_rows += len(item)
+    return n_rows
+
+
+def train_bundle(
+    data: TrainingData, config: TrainConfig | None = None, progress: Progress | None = None
+) -> tuple[ModelBundle, TrainReport]:
+    """Search, fit, warm-start and refit every component (see the module docstring)."""
+    config = config or TrainConfig()
+    split = validation_split(data, config.validation_days)
+    report = TrainReport(als_params={})
+    als_params = config.als_params
+    if split is None:
+        log.info("no validation window (no first_used or no recent adoptions): defaults")
+    if als_params is None:
+        if split is not None and len(config.als_grid) > 1:
+            als_params, report.search = search_als(
+                split, config.als_grid, config.seed, config.max_validation_users, progress
+            )
+        else:
+            als_params = config.als_grid[0] if config.als_grid else ALSParams()
+    report.als_params = asdict(als_params)
+    tw = config.transition_weight
+    pre_bundle = None
+    if split is not None:
+        pre_bundle = fit_upstream(split.pre, als_params, config)
+        for name in BANDIT_STRATEGIES:
+            pre_bundle.bandits[name] = ContextualBandit(config.bandit, seed=config.seed).fit(
+                split.pre
+            )
+        rows = _sample_rows(split.eval_rows, config.max_validation_users, config.seed)
+        report.validation_users = len(rows)
+        if tw is None:
+            from featurerec.models.common import adopted_mask
+
+            states = split.pre.user_states([split.pre.users[i] for i in rows])
+            excl = adopted_mask(states, pre_bundle.space)
+            tw, report.transition_search = _pick_transition_weight(
+                pre_bundle, states, excl, split.targets[rows]
+            )
+        pre_bundle.config = replace(pre_bundle.config, transition_weight=tw)
+        report.warm_start_rows = warm_start_bandits(
+            pre_bundle, split, config.bandit, config.seed, config.max_validation_users
+        )
+    tw = 0.3 if tw is None else tw
+    report.transition_weight = tw
+    bundle = fit_upstream(data, als_params, replace(config, transition_weight=tw))
+    if pre_bundle is not None:
+        bundle.bandits = pre_bundle.bandits
+    else:
+        bundle.bandits = {
+            n: ContextualBandit(config.bandit, seed=config.seed).fit(data)
+            for n in BANDIT_STRATEGIES
+        }
+    if progress:
+        progress(1, 1, "bundle trained")
+    return bundle, report

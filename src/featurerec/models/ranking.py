@@ -1,0 +1,105 @@
+"""The exploring slate policy shared by every strategy, with exact propensities.
+
+Policy (epsilon-greedy over whole slates): with probability ``1 - eps`` show the greedy
+slate (candidates sorted by the ranker's score); with probability ``eps`` show the first
+``k`` of a uniformly random permutation of the user's valid candidates. The marginal
+probability that feature ``i`` is shown at position ``p`` is then, exactly::
+
+    propensity(i, p) = (1 - eps) * [greedy[p] == i] + eps / n_valid     (p < n_valid)
+
+For a fixed position the propensities over all candidates sum to 1, which
+:func:`slate_propensities` exposes for tests and for off-policy estimators. With
+``explore=False`` the policy is deterministic and every shown item has propensity 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Ranked:
+    """A ranked slate per user.
+
+    ``ids``: (n, k) int64 item ids, -1 where fewer than ``k`` valid candidates exist;
+    ``scores``: (n, k) float32 in 0..1 (0 at padding); ``propensities``: (n, k) probability
+    the exploring policy shows that item at that position (1 when not exploring, 0 at
+    padding); ``explored``: (n,) bool, True where this slate came from the random branch;
+    ``components``: name -> (n, k) per-item signals for reasons (e.g. "collaborative",
+    "context", "transition", "popularity", "bandit"; NaN where not computed);
+    ``transition_from``: (n, k) id of the recent feature that most supports the item via
+    transitions, -1 if none (sequence-aware only).
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray
+    propensities: np.ndarray
+    explored: np.ndarray
+    components: dict[str, np.ndarray] = field(default_factory=dict)
+    transition_from: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def greedy_order(scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Column order (n, c) of candidates by descending score; invalid ones last.
+    Ties keep the candidate order (stable), so results are deterministic."""
+    s = np.where(valid, scores, -np.inf)
+    return np.argsort(-s, axis=1, kind="stable")
+
+
+def epsilon_slates(
+    scores: np.ndarray,
+    valid: np.ndarray,
+    k: int,
+    eps: float,
+    rng: np.random.Generator,
+    explore: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pick ``k`` candidate columns per row with the epsilon-greedy slate policy.
+
+    Returns (columns (n, k) with -1 padding, propensities (n, k), explored (n,)).
+    """
+    n, c = scores.shape
+    greedy = greedy_order(scores, valid)
+    n_valid = valid.sum(axis=1)
+    kk = min(k, c)
+    if explore and eps > 0:
+        explored: np.ndarray = np.asarray(rng.random(n) < eps)
+        keys = np.where(valid, rng.random((n, c)), np.inf)
+        random_order = np.argsort(keys, axis=1, kind="stable")
+        order = np.where(explored[:, None], random_order, greedy)
+    else:
+        explored = np.zeros(n, dtype=bool)
+        order = greedy
+    cols = order[:, :kk]
+    pos = np.arange(kk)[None, :]
+    in_range = pos < n_valid[:, None]
+    if explore and eps > 0:
+        is_greedy = cols == greedy[:, :kk]
+        prop = (1 - eps) * is_greedy + eps / np.maximum(n_valid, 1)[:, None]
+    else:
+        prop = np.ones((n, kk))
+    cols = np.where(in_range, cols, -1)
+    prop = np.where(in_range, prop, 0.0)
+    if kk < k:
+        cols = np.hstack([cols, np.full((n, k - kk), -1)])
+        prop = np.hstack([prop, np.zeros((n, k - kk))])
+    return cols.astype(np.int64), prop.astype(np.float64), explored
+
+
+def slate_propensities(scores: np.ndarray, valid: np.ndarray, k: int, eps: float) -> np.ndarray:
+    """(n, c, k) probability that candidate column ``j`` is shown at position ``p``."""
+    n, c = scores.shape
+    greedy = greedy_order(scores, valid)[:, :k]
+    n_valid = valid.sum(axis=1)
+    out = np.zeros((n, c, k))
+    for p in range(min(k, c)):
+        active = p < n_valid
+        out[:, :, p] = np.where(valid & active[:, None], eps / np.maximum(n_valid, 1)[:, None], 0.0)
+        rows = np.nonzero(active)[0]
+        out[rows, greedy[rows, p], p] += 1 - eps
+    return out
