@@ -126,6 +126,15 @@ class ServingConfig(_Section):
     weekly_frequency_cap: int = Field(default=3, ge=1)
     min_weekly_diversity: float = Field(default=0.60, ge=0, le=1)
     seed: int = 0
+    #: Experiment serving assigns users to (name of a configured/shipped experiment, or a
+    #: path to its JSON); None = everybody gets ``default_strategy``.
+    experiment: str | None = None
+    #: Reason facts need at least this many users (segment) or transitions behind them.
+    reason_min_support: int = Field(default=20, ge=1)
+    #: fsync the recommendation log before acknowledging (turn off only in tests).
+    durable_log: bool = True
+    #: Seconds between checks of the landing folder for events other workers accepted.
+    sync_interval_seconds: float = Field(default=0.5, gt=0)
 
 
 class MonitoringConfig(_Section):

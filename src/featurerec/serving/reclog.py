@@ -1,0 +1,311 @@
+"""The recommendation log and the feedback log: append-only, durable, loadable.
+
+Every served recommendation is one JSON line in a ``reclog-*.jsonl`` segment, every
+impression / click / dismiss one line in a ``feedback-*.jsonl`` segment, under
+``<data>/serving/log``. A writer thread does group commit: requests hand it their lines, it
+writes whatever has queued up, ``fsync``\\s once and only then releases the requests, so a
+response is never sent for a recommendation that is not on disk (kill the process at any
+point: every acknowledged id is in the log; at most the torn tail of an unacknowledged line
+is lost, and readers skip it).
+
+Each process writes its own segments (``<prefix>-<date>-<pid>-<n>.jsonl``, rotated daily and
+by size), so several workers never interleave lines. :func:`load_reclog` loads all segments
+into ``ml.recommendation_log`` and ``ml.recommendation_events``, idempotently (primary keys
+``recommendation_id`` / ``feedback_id``; loading twice adds nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+
+RECLOG_PREFIX = "reclog"
+FEEDBACK_PREFIX = "feedback"
+
+#: Columns of ml.recommendation_log, in order (warehouse/schema.py).
+RECLOG_COLUMNS: dict[str, pa.DataType] = {
+    "recommendation_id": pa.string(),
+    "request_id": pa.string(),
+    "user_id": pa.string(),
+    "recommended_feature": pa.string(),
+    "score": pa.float64(),
+    "position": pa.int32(),
+    "placement": pa.string(),
+    "strategy": pa.string(),
+    "experiment": pa.string(),
+    "variant": pa.string(),
+    "model_version": pa.string(),
+    "propensity": pa.float64(),
+    "fallback": pa.bool_(),
+    "generated_at": pa.timestamp("us"),
+}
+#: Columns of ml.recommendation_events.
+FEEDBACK_COLUMNS: dict[str, pa.DataType] = {
+    "feedback_id": pa.string(),
+    "recommendation_id": pa.string(),
+    "user_id": pa.string(),
+    "kind": pa.string(),
+    "timestamp": pa.timestamp("us"),
+}
+
+_STOP = object()
+Done = Callable[[BaseException | None], None]
+
+
+class DurableLog:
+    """Append-only JSONL segments with group commit (one writer thread, one fsync per group).
+
+    ``append`` blocks until the records are durable; ``append_async`` awaits the same without
+    blocking the event loop. ``fsync=False`` is for tests that do not care about power loss.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        prefix: str,
+        *,
+        fsync: bool = True,
+        rotate_bytes: int = 64 << 20,
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.fsync = fsync
+        self.rotate_bytes = rotate_bytes
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._fd: int | None = None
+        self._day = ""
+        self._size = 0
+        self._seq = 0
+        self.records_written = 0
+        self.commits = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"{prefix}-writer", daemon=True)
+        self._thread.start()
+
+    # -- producer side -------------------------------------------------------------------
+    def submit(self, records: list[dict[str, Any]], done: Done) -> None:
+        """Queue ``records``; ``done(None)`` runs (on the writer thread) once they are durable,
+        ``done(exc)`` if writing failed."""
+        if self._closed:
+            done(RuntimeError(f"{self.prefix} log is closed"))
+            return
+        data = b"".join(orjson.dumps(r) + b"\n" for r in records)
+        self._queue.put((data, len(records), done))
+
+    def append(self, records: list[dict[str, Any]], timeout: float = 30.0) -> None:
+        """Write ``records`` and return once they are on disk."""
+        event = threading.Event()
+        box: list[BaseException | None] = [None]
+
+        def done(exc: BaseException | None) -> None:
+            box[0] = exc
+            event.set()
+
+        self.submit(records, done)
+        if not event.wait(timeout):
+            raise TimeoutError(f"{self.prefix} log: write not durable after {timeout}s")
+        if box[0] is not None:
+            raise box[0]
+
+    async def append_async(self, records: list[dict[str, Any]]) -> None:
+        """Await durability of ``records`` without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def done(exc: BaseException | None) -> None:
+            loop.call_soon_threadsafe(_settle, fut, exc)
+
+        self.submit(records, done)
+        await fut
+
+    def close(self) -> None:
+        """Flush what is queued and stop the writer."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join(timeout=30)
+
+    # -- writer thread -------------------------------------------------------------------
+    def _segment(self, incoming: int) -> int:
+        day = datetime.now(UTC).strftime("%Y%m%d")
+        if self._fd is None or day != self._day or self._size + incoming > self.rotate_bytes:
+            if self._fd is not None:
+                os.close(self._fd)
+            self._seq += 1
+            name = f"{self.prefix}-{day}-{os.getpid()}-{self._seq:04d}.jsonl"
+            self._fd = os.open(self.directory / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            if self.fsync:  # make the new file's directory entry durable too
+                dfd = os.open(self.directory, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            self._day, self._size = day, 0
+        return self._fd
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            batch = [item]
+            while True:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stop = True
+                    break
+                batch.append(nxt)
+            data = b"".join(b[0] for b in batch)
+            err: BaseException | None = None
+            try:
+                fd = self._segment(len(data))
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                if self.fsync:
+                    os.fsync(fd)
+                self._size += len(data)
+                self.records_written += sum(b[1] for b in batch)
+                self.commits += 1
+            except OSError as exc:
+                err = exc
+            for _, _, done in batch:
+                with contextlib.suppress(Exception):  # a callback must never kill the writer
+                    done(err)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+def segments(directory: str | Path, prefix: str, since: float | None = None) -> list[Path]:
+    """Segment files of ``prefix``, oldest first; ``since`` (epoch seconds) skips files not
+    modified after it."""
+    d = Path(directory)
+    if not d.exists():
+        return []
+    files = sorted(d.glob(f"{prefix}-*.jsonl"))
+    if since is not None:
+        files = [p for p in files if p.stat().st_mtime >= since]
+    return files
+
+
+def iter_records(
+    directory: str | Path, prefix: str, since: float | None = None
+) -> Iterator[dict[str, Any]]:
+    """Every complete line of every segment (a torn final line is skipped)."""
+    for path in segments(directory, prefix, since):
+        with open(path, "rb") as fh:
+            for line in fh:
+                if not line.endswith(b"\n"):
+                    break  # torn write of an unacknowledged batch
+                try:
+                    yield orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+
+
+def _parse_ts(value: Any) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00")).replace(tzinfo=None)
+
+
+def records_table(records: list[dict[str, Any]], columns: dict[str, pa.DataType]) -> pa.Table:
+    """Records -> Arrow table with exactly ``columns`` (later duplicates of a key dropped)."""
+    key = next(iter(columns))
+    seen: set[str] = set()
+    rows: list[dict[str, Any]] = []
+    for r in records:
+        k = r.get(key)
+        if k is None or k in seen:
+            continue
+        seen.add(k)
+        rows.append(r)
+    data: dict[str, list[Any]] = {}
+    for name, typ in columns.items():
+        vals = [r.get(name) for r in rows]
+        if pa.types.is_timestamp(typ):
+            vals = [_parse_ts(v) for v in vals]
+        data[name] = vals
+    return pa.table({n: pa.array(v, type=columns[n]) for n, v in data.items()})
+
+
+@dataclass(frozen=True)
+class ReclogLoadReport:
+    files: int
+    recommendations_read: int
+    recommendations_new: int
+    feedback_read: int
+    feedback_new: int
+
+
+def load_reclog(engine: Any, directory: str | Path) -> ReclogLoadReport:
+    """Load every segment under ``directory`` into the warehouse; idempotent.
+
+    New rows only: ``INSERT OR IGNORE`` on the primary keys, in one transaction.
+    """
+    recs = list(iter_records(directory, RECLOG_PREFIX))
+    fbs = list(iter_records(directory, FEEDBACK_PREFIX))
+    rec_t = records_table(recs, RECLOG_COLUMNS)
+    fb_t = records_table(fbs, FEEDBACK_COLUMNS)
+    before_r = engine.scalar("SELECT COUNT(*) FROM ml.recommendation_log")
+    before_f = engine.scalar("SELECT COUNT(*) FROM ml.recommendation_events")
+    with engine.transaction():
+        engine.register_arrow("_reclog_in", rec_t)
+        engine.register_arrow("_feedback_in", fb_t)
+        try:
+            engine.execute(
+                f"INSERT OR IGNORE INTO ml.recommendation_log ({', '.join(RECLOG_COLUMNS)}) "
+                f"SELECT {', '.join(RECLOG_COLUMNS)} FROM _reclog_in"
+            )
+            engine.execute(
+                f"INSERT OR IGNORE INTO ml.recommendation_events ({', '.join(FEEDBACK_COLUMNS)}) "
+                f"SELECT {', '.join(FEEDBACK_COLUMNS)} FROM _feedback_in"
+            )
+        finally:
+            engine.unregister("_reclog_in")
+            engine.unregister("_feedback_in")
+    after_r = engine.scalar("SELECT COUNT(*) FROM ml.recommendation_log")
+    after_f = engine.scalar("SELECT COUNT(*) FROM ml.recommendation_events")
+    return ReclogLoadReport(
+        files=len(segments(directory, RECLOG_PREFIX)) + len(segments(directory, FEEDBACK_PREFIX)),
+        recommendations_read=rec_t.num_rows,
+        recommendations_new=int(after_r - before_r),
+        feedback_read=fb_t.num_rows,
+        feedback_new=int(after_f - before_f),
+    )
+
+
+def reclog_dir(settings: Any) -> Path:
+    """Where the serving process writes its logs: ``<data>/serving/log``."""
+    return Path(settings.data_path) / "serving" / "log"
