@@ -1,11 +1,187 @@
-"""CLI commands of this package (registered by featurerec.cli)."""
+"""``featurerec experiment report|assign|list`` and ``featurerec simulate experiment``."""
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
 
+import numpy as np
 import typer
+
+from featurerec.cli_common import console, fmt, print_json, print_table, settings_from
+
+experiment_app = typer.Typer(
+    help="A/B experiments: deterministic assignment and reports with sound statistics.",
+    no_args_is_help=True,
+)
+
+Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _ci(e: Any) -> str:
+    if e.value is None:
+        return "n/a"
+    if e.ci_low is None:
+        return fmt(e.value)
+    return f"{fmt(e.value)} [{fmt(e.ci_low)}, {fmt(e.ci_high)}]"
+
+
+def print_report(report: Any) -> None:
+    """Render an :class:`ExperimentReport` as terminal tables."""
+    from featurerec.experiments.report import METRICS
+
+    console.print(
+        f"[bold]{report.experiment}[/bold]  control: {report.control}  "
+        f"primary: {report.primary_metric}"
+        + (f"  as of {report.as_of:%Y-%m-%d %H:%M}" if report.as_of else "")
+    )
+    if report.hypothesis:
+        console.print(f"[dim]{report.hypothesis}[/dim]")
+    rows = []
+    for v in report.variants:
+        row: dict[str, Any] = {"variant": v.name, "users": v.users, "recs": v.recommendations}
+        for m, (label, _) in METRICS.items():
+            row[label] = _ci(v.metrics[m])
+        rows.append(row)
+    print_table(rows, title="per variant (95% intervals)")
+    print_table(
+        [
+            {
+                "variant": c.variant,
+                "metric": METRICS[c.metric][0],
+                "lift": "n/a" if c.lift is None else f"{c.lift:+.1%}",
+                "lift 95% CI": "n/a"
+                if c.lift_ci_low is None
+                else f"[{c.lift_ci_low:+.1%}, {c.lift_ci_high:+.1%}]",
+                "p": c.p_value,
+                "p (holm)": c.p_adjusted,
+                "significant": "yes" if c.significant else "",
+                "test": c.test,
+            }
+            for c in report.comparisons
+        ],
+        title=f"lift vs {report.control} (two-sided, Holm-corrected)",
+    )
+    s = report.srm
+    srm_line = (
+        f"sample ratio check: chi2 = {s.chi2:.2f}, p = {s.p_value:.3g} "
+        + ("[red]MISMATCH[/red]" if s.mismatch else "ok")
+        if s.p_value is not None
+        else "sample ratio check: no users yet"
+    )
+    console.print(srm_line)
+    style = "yellow" if not report.enough_data or s.mismatch else "green"
+    console.print(f"[{style}]{report.message}[/{style}]")
+
+
+def _variant_latencies(path: Path, experiment: str) -> dict[str, np.ndarray]:
+    """Per-variant request latencies from the serving request log, when its lines carry
+    ``experiment`` and ``variant`` (empty otherwise)."""
+    import orjson
+
+    out: dict[str, list[float]] = {}
+    if not path.exists():
+        return {}
+    with path.open("rb") as fh:
+        for line in fh:
+            try:
+                rec = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if rec.get("experiment") == experiment and rec.get("variant") and "latency_ms" in rec:
+                out.setdefault(rec["variant"], []).append(float(rec["latency_ms"]))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+@experiment_app.command("report")
+def report_cmd(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Experiment name, or path of its JSON spec.")],
+    as_of: Annotated[
+        datetime | None,
+        typer.Option("--as-of", help="Windows end here (UTC); default: latest in warehouse."),
+    ] = None,
+    json_out: Json = False,
+) -> None:
+    """Per-variant CTR, 7/30-day adoption, diversity, dismissal rate and p99 latency with 95%
+    intervals, lift vs control, Holm-corrected tests and a sample-ratio-mismatch check."""
+    from featurerec.experiments.report import experiment_report
+    from featurerec.experiments.spec import find_experiment
+    from featurerec.warehouse.engine import open_warehouse
+
+    settings = settings_from(ctx)
+    spec = find_experiment(settings, name)
+    log_path = Path(settings.monitoring.serving_metrics)
+    if not log_path.is_absolute():
+        log_path = settings.data_path / log_path
+    lat = (
+        _variant_latencies(log_path, spec.name)
+        if not settings.monitoring.serving_metrics.startswith("http")
+        else {}
+    )
+    with open_warehouse(settings, read_only=True) as engine:
+        report = experiment_report(engine, spec, as_of=as_of, latencies=lat, seed=settings.seed)
+    if json_out:
+        print_json(report)
+    else:
+        print_report(report)
+
+
+@experiment_app.command("assign")
+def assign_cmd(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Experiment name or JSON path.")],
+    user_ids: Annotated[list[str], typer.Argument(help="User ids.")],
+    json_out: Json = False,
+) -> None:
+    """Show the variant (and the strategy / placement it selects) for some users."""
+    from featurerec.experiments.assignment import assign, bucket
+    from featurerec.experiments.spec import find_experiment
+
+    spec = find_experiment(settings_from(ctx), name)
+    rows = []
+    for u in user_ids:
+        v = assign(spec, u)
+        rows.append(
+            {
+                "user_id": u,
+                "bucket": bucket(spec.name, u),
+                "variant": v.name,
+                "strategy": v.resolved_strategy,
+                "placement": v.resolved_placement,
+            }
+        )
+    print_json(rows) if json_out else print_table(rows, title=spec.name)
+
+
+@experiment_app.command("list")
+def list_cmd(ctx: typer.Context, json_out: Json = False) -> None:
+    """Experiments the config names plus the shipped ones."""
+    from featurerec.experiments.spec import known_experiments
+
+    specs = known_experiments(settings_from(ctx))
+    rows = [
+        {
+            "name": s.name,
+            "variants": ", ".join(f"{v.name}={v.allocation:g}" for v in s.variants),
+            "control": s.control_variant,
+            "primary": s.primary_metric,
+            "weeks": s.duration_weeks,
+            "min users/variant": s.min_sample_per_variant,
+        }
+        for s in specs.values()
+    ]
+    print_json(rows) if json_out else print_table(rows, title="experiments")
 
 
 def register(app: typer.Typer, groups: Any) -> None:
     """Add this package's commands to the root ``app`` / shared ``groups``."""
+    app.add_typer(experiment_app, name="experiment")
+    try:
+        from featurerec.simulate.online import simulate_experiment_cmd
+    except ModuleNotFoundError as exc:  # online simulation not in this build yet
+        if exc.name != "featurerec.simulate.online":
+            raise
+        return
+    groups.simulate.command("experiment")(simulate_experiment_cmd)
