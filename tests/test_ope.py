@@ -92,7 +92,7 @@ def test_slate_positions_and_user_clusters() -> None:
     theta, logging, target, truth = _world(8)
     rng = np.random.default_rng(9)
     n = 30_000
-    ctx, a, r, p, dist2 = _log(theta, logging, target, n, rng)
+    _ctx, a, r, p, dist2 = _log(theta, logging, target, n, rng)
     pos = rng.integers(0, 3, n)
     dist3 = np.repeat(dist2[:, :, None], 3, axis=2)
     e3 = ips(a, r, p, dist3, position=pos)
