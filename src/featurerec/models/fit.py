@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from featurerec.errors import ModelError
 from featurerec.evaluation.metrics import ndcg_at_k
 from featurerec.models.als import ALSParams, ALSScorer
 from featurerec.models.bandit import BanditParams, ContextualBandit
@@ -92,8 +93,8 @@ class TrainReport:
     validation_users: int = 0
 
 
-def validation_split(data: TrainingData, days: float) -> ValidationSplit | None:
-    """Cut ``data`` at ``max(first_used) - days``; None without ``first_used`` or targets."""
+def _aligned(data: TrainingData) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """(rows, cols, strength, first_used) of every nonzero of ``data.matrix``."""
     fu = data.first_used
     if fu is None or fu.nnz == 0:
         return None
@@ -101,35 +102,80 @@ def validation_split(data: TrainingData, days: float) -> ValidationSplit | None:
     m = sp.csr_matrix(data.matrix)
     if fu.shape != m.shape:
         return None
-    cut = float(fu.data.max()) - days
-    # align first_used values with the matrix's nonzeros
-    fu_at = np.asarray(fu[m.nonzero()]).ravel()
-    rows, cols = m.nonzero()
-    pre_mask = (fu_at > 0) & (fu_at < cut)
-    post_mask = fu_at >= cut
+    coo = m.tocoo()
+    rows, cols, vals = coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data
+    fu_at = np.asarray(fu[rows, cols]).ravel()
+    return rows, cols, vals, fu_at
+
+
+def split_by_mask(
+    data: TrainingData,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    vals: np.ndarray,
+    fu_at: np.ndarray,
+    post_mask: np.ndarray,
+    cut_day: float = float("nan"),
+) -> ValidationSplit | None:
+    """Hold out the interactions where ``post_mask`` is True (they become targets)."""
+    pre_mask = ~post_mask
     if not post_mask.any() or not pre_mask.any():
         return None
-    vals = np.asarray(m[rows, cols]).ravel()
-    pre_m = sp.csr_matrix((vals[pre_mask], (rows[pre_mask], cols[pre_mask])), shape=m.shape)
-    targets = np.zeros(m.shape, dtype=bool)
+    shape = data.matrix.shape
+    pre_m = sp.csr_matrix((vals[pre_mask], (rows[pre_mask], cols[pre_mask])), shape=shape)
+    pre_fu = sp.csr_matrix((fu_at[pre_mask], (rows[pre_mask], cols[pre_mask])), shape=shape)
+    targets = np.zeros(shape, dtype=bool)
     targets[rows[post_mask], cols[post_mask]] = True
-    pre_sets = [set() for _ in range(m.shape[0])]  # type: list[set[str]]
+    pre_sets: list[set[str]] = [set() for _ in range(shape[0])]
     for r, c in zip(rows[pre_mask], cols[pre_mask], strict=True):
         pre_sets[r].add(data.features[c])
     recent = {}
     counts = {}
     for i, u in enumerate(data.users):
         recent[u] = tuple(f for f in data.recent.get(u, ()) if f in pre_sets[i])
+        # approximation: a user keeps the event count unless nothing is left before the cut
         counts[u] = data.event_counts.get(u, 0) if pre_sets[i] else 0
     pre = replace(
         data,
         matrix=pre_m,
         recent=recent,
         event_counts=counts,
-        first_used=None,
+        first_used=pre_fu,
         # transitions are kept: a documented approximation (they cover a 30-day window)
     )
-    return ValidationSplit(pre=pre, targets=targets, cut_day=cut)
+    return ValidationSplit(pre=pre, targets=targets, cut_day=cut_day)
+
+
+def validation_split(data: TrainingData, days: float) -> ValidationSplit | None:
+    """Cut ``data`` at ``max(first_used) - days``: interactions first used after the cut are
+    the targets. None without ``first_used`` or without interactions on both sides."""
+    al = _aligned(data)
+    if al is None:
+        return None
+    rows, cols, vals, fu_at = al
+    cut = float(fu_at.max()) - days
+    return split_by_mask(data, rows, cols, vals, fu_at, fu_at >= cut, cut)
+
+
+def last_k_split(data: TrainingData, k: int) -> ValidationSplit | None:
+    """Per user, hold out the ``k`` most recently first-used features (users with more
+    than ``k`` features only, so everyone keeps some history)."""
+    if k <= 0:
+        raise ModelError(f"last-k split: k must be > 0 (got {k})")
+    al = _aligned(data)
+    if al is None:
+        return None
+    rows, cols, vals, fu_at = al
+    order = np.lexsort((cols, -fu_at, rows))  # per user, newest first
+    r_sorted = rows[order]
+    starts = np.flatnonzero(np.r_[True, r_sorted[1:] != r_sorted[:-1]])
+    counts = np.diff(np.r_[starts, len(r_sorted)])
+    rank = np.arange(len(r_sorted)) - np.repeat(starts, counts)
+    n_user = np.repeat(counts, counts)
+    post_sorted = (rank < k) & (n_user > k)
+    post = np.zeros(len(rows), dtype=bool)
+    post[order] = post_sorted
+    return split_by_mask(data, rows, cols, vals, fu_at, post)
 
 
 def _sample_rows(rows: np.ndarray, cap: int, seed: int) -> np.ndarray:

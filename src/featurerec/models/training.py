@@ -1,0 +1,314 @@
+"""Pipeline stage functions of the models area (registered with ``@stage_function``).
+
+=========================  ================================  =====================================
+stage (spec name)          artifact in ``ctx.work_dir``      notes
+=========================  ================================  =====================================
+als_matrix_factorization   ALS item factors + calibrator     hyperparameter search on a
+                                                             validation window (``search``: false
+                                                             uses the given hyperparameters)
+contextual_bandit          ranker: bandits + context,        warm start from organic adoptions;
+                           sequence, popularity models       then IPW updates from
+                                                             ml.recommendation_feedback
+sequence_transitions       transition model                  from ml.feature_transition_probs
+context_model              context model                     adoption by role / team / plan / industry
+build_ann_index            HNSW or exact index               item factors from the MF artifact
+                                                             (``embedding_source`` URI or ``path``)
+model_evaluation           none (metrics only)               ndcg@5, hit_rate@3, diversity_score ...
+                                                             on a held-out window, for promotion
+=========================  ================================  =====================================
+
+Every stage reads the ml.* tables through :func:`featurerec.models.data.load_training_data`
+and never reaches into another stage: the index stage reads the MF artifact from the
+registry.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurerec.errors import DataError, ModelError
+from featurerec.models.als import ALSParams, ALSScorer
+from featurerec.models.bandit import BanditParams
+from featurerec.models.base import TrainingData
+from featurerec.models.common import Calibrator, write_artifact
+from featurerec.models.context import ContextScorer
+from featurerec.models.data import load_training_data
+from featurerec.models.fit import (
+    DEFAULT_ALS_GRID,
+    TrainConfig,
+    search_als,
+    train_bundle,
+    validation_split,
+)
+from featurerec.models.index import build_index
+from featurerec.models.sequence import SequenceScorer
+from featurerec.models.strategies import BANDIT_STRATEGIES, ModelBundle
+from featurerec.pipeline.contracts import StageContext, StageResult, stage_function
+
+log = logging.getLogger(__name__)
+
+FEEDBACK_TABLE = "ml.recommendation_feedback"
+
+
+def _data(ctx: StageContext) -> TrainingData:
+    ctx.progress(0, 1, "loading ml.* tables")
+    return load_training_data(ctx.engine, ctx.settings, ctx.as_of)
+
+
+def _als_params(params: dict[str, Any]) -> ALSParams:
+    d = ALSParams()
+    try:
+        return ALSParams(
+            factors=int(params.get("factors", d.factors)),
+            regularization=float(params.get("regularization", d.regularization)),
+            iterations=int(params.get("iterations", d.iterations)),
+            alpha=float(params.get("alpha", d.alpha)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"als_matrix_factorization: bad hyperparameter: {exc}") from None
+
+
+def _train_config(ctx: StageContext, als: ALSParams | None = None) -> TrainConfig:
+    p = ctx.params
+    grid = (als or _als_params(p), *[g for g in DEFAULT_ALS_GRID if g != (als or _als_params(p))])
+    search = bool(p.get("search", True))
+    bandit = BanditParams(
+        exploration_rate=float(p.get("exploration_rate", 0.1)),
+        decay_factor=float(p.get("decay_factor", 0.995)),
+        cold_start_max_events=ctx.settings.windows.cold_start_max_events,
+    )
+    return TrainConfig(
+        als_params=None if search else grid[0],
+        als_grid=grid,
+        bandit=bandit,
+        validation_days=float(p.get("validation_days", 7)),
+        cold_start_max_events=ctx.settings.windows.cold_start_max_events,
+        n_candidates=int(p.get("n_candidates", 20)),
+        seed=ctx.seed,
+    )
+
+
+@stage_function("als_matrix_factorization")
+def als_matrix_factorization(ctx: StageContext) -> StageResult:
+    """ALS with a small hyperparameter search (spec values are the first candidate)."""
+    data = _data(ctx)
+    cfg = _train_config(ctx)
+    params = cfg.als_params
+    metrics: dict[str, float] = {}
+    search_table: list[dict[str, Any]] = []
+    if params is None:
+        split = validation_split(data, cfg.validation_days)
+        if split is None:
+            params = cfg.als_grid[0]
+        else:
+            params, search_table = search_als(
+                split, cfg.als_grid, cfg.seed, cfg.max_validation_users, ctx.progress
+            )
+            metrics["validation_ndcg@5"] = max(r["ndcg@5"] for r in search_table)
+    ctx.progress(0, 1, "fitting ALS on the full window")
+    als = ALSScorer(params, seed=ctx.seed).fit(data)
+    rows = np.arange(min(len(data.users), 20_000))
+    states = data.user_states([data.users[i] for i in rows])
+    als.save(ctx.work_dir)
+    cal = Calibrator.fit(als.score(states), seed=ctx.seed)
+    write_artifact(ctx.work_dir / "calibrator", "calibrator", {}, {"q": cal.quantiles})
+    return StageResult(
+        artifact_dir=ctx.work_dir,
+        params={**asdict(params), "search": search_table},
+        metrics=metrics,
+        rows=int(data.matrix.nnz),
+        summary=f"{len(data.users):,} users x {len(data.features)} features, "
+        f"factors {params.factors}, reg {params.regularization}, alpha {params.alpha}",
+    )
+
+
+def _feedback_rows(ctx: StageContext) -> list[dict[str, Any]]:
+    if not ctx.engine.table_exists(FEEDBACK_TABLE):
+        return []
+    return list(
+        ctx.engine.query_rows(
+            f"""SELECT user_id, recommended_feature, score, propensity, strategy, variant,
+                       clicked, adopted_7d
+                FROM {FEEDBACK_TABLE}
+                WHERE generated_at <= $as_of AND recommended_feature IS NOT NULL
+                ORDER BY generated_at, recommendation_id""",
+            {"as_of": ctx.as_of},
+        )
+    )
+
+
+def apply_feedback(
+    bundle: ModelBundle,
+    data: TrainingData,
+    rows: list[dict[str, Any]],
+    reward: str = "adopted_7d",
+) -> dict[str, int]:
+    """One IPW update batch per bandit from logged feedback rows.
+
+    Rows are routed by their strategy (or experiment variant) name; rows of strategies
+    without a bandit teach the hybrid bandit (the production ranker). The upstream input is
+    the logged score (the candidate-stage score is not logged separately)."""
+    if reward not in ("adopted_7d", "clicked"):
+        raise ModelError(f"bandit reward must be adopted_7d or clicked (got {reward!r})")
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        name = r.get("strategy") or r.get("variant") or "hybrid"
+        by.setdefault(name if name in BANDIT_STRATEGIES else "hybrid", []).append(r)
+    out = {}
+    for name, batch in by.items():
+        bandit = bundle.bandits.get(name)
+        if bandit is None or not batch:
+            continue
+        uids = [str(r["user_id"]) for r in batch]
+        states = data.user_states(uids)
+        items = bundle.space.ids([str(r["recommended_feature"]) for r in batch])
+        upstream = np.array([float(r.get("score") or 0.0) for r in batch])
+        rew = np.array([float(r.get(reward) or 0) for r in batch])
+        prop = np.array(
+            [np.nan if r.get("propensity") is None else float(r["propensity"]) for r in batch]
+        )
+        bandit.update(states, items, upstream, rew, prop)
+        out[name] = len(batch)
+    return out
+
+
+@stage_function("contextual_bandit")
+def contextual_bandit(ctx: StageContext) -> StageResult:
+    """Train the ranker artifact: bandits warm-started from organic adoptions, then one
+    IPW update batch from ``ml.recommendation_feedback`` if it has rows."""
+    data = _data(ctx)
+    cfg = _train_config(ctx)
+    bundle, report = train_bundle(data, cfg, ctx.progress)
+    rows = _feedback_rows(ctx)
+    fed = apply_feedback(bundle, data, rows, str(ctx.params.get("reward", "adopted_7d")))
+    bundle.save_ranker(ctx.work_dir)
+    eps = {f"epsilon[{k}]": b.epsilon for k, b in bundle.bandits.items()}
+    return StageResult(
+        artifact_dir=ctx.work_dir,
+        params={
+            **asdict(cfg.bandit),
+            "als_params_for_warm_start": report.als_params,
+            "transition_weight": report.transition_weight,
+        },
+        metrics={
+            "warm_start_rows": float(report.warm_start_rows),
+            "feedback_rows": float(len(rows)),
+            **{f"feedback_rows[{k}]": float(v) for k, v in fed.items()},
+            **eps,
+        },
+        rows=len(rows),
+        summary=f"warm start {report.warm_start_rows:,} rows, feedback {len(rows):,} rows",
+    )
+
+
+@stage_function("sequence_transitions")
+def sequence_transitions(ctx: StageContext) -> StageResult:
+    data = _data(ctx)
+    model = SequenceScorer(decay=float(ctx.params.get("decay", 0.5))).fit(data)
+    model.save(ctx.work_dir)
+    return StageResult(
+        artifact_dir=ctx.work_dir,
+        params={"decay": model.decay},
+        rows=int(model.transitions.nnz),
+        summary=f"{model.transitions.nnz} transitions",
+    )
+
+
+@stage_function("context_model")
+def context_model(ctx: StageContext) -> StageResult:
+    data = _data(ctx)
+    model = ContextScorer().fit(data)
+    model.save(ctx.work_dir)
+    return StageResult(
+        artifact_dir=ctx.work_dir,
+        rows=len(data.contexts),
+        summary=f"{len(data.contexts):,} user contexts",
+    )
+
+
+@stage_function("build_ann_index")
+def build_ann_index(ctx: StageContext) -> StageResult:
+    """Build the item index from the MF artifact (``embedding_source`` registry URI, or a
+    ``path``). ``index_type``: hnsw | exact | auto; ``metric``: cosine | inner_product."""
+    p = ctx.params
+    if p.get("path"):
+        src = Path(p["path"])
+    else:
+        uri = p.get("embedding_source", "models:/feature-recommender-mf/staging")
+        if ctx.registry is None:
+            raise ModelError(f"build_ann_index: no registry to resolve {uri}")
+        src = Path(ctx.registry.resolve(uri).path)
+    als = ALSScorer.load(src)
+    kind = str(p.get("index_type", "hnsw")).lower()
+    if kind not in ("hnsw", "exact", "auto"):
+        raise ModelError(f"build_ann_index: index_type must be hnsw, exact or auto (got {kind!r})")
+    metric = {"ip": "inner_product", "dot": "inner_product"}.get(
+        str(p.get("metric", "inner_product")), str(p.get("metric", "inner_product"))
+    )
+    index = build_index(
+        als.item_factors,
+        als.space.features,
+        metric=metric,
+        kind=kind,  # type: ignore[arg-type]
+        M=int(p.get("M", 16)),
+        ef_construction=int(p.get("ef_construction", 200)),
+        ef_search=int(p.get("ef_search", 128)),
+    )
+    index.save(ctx.work_dir)
+    return StageResult(
+        artifact_dir=ctx.work_dir,
+        params={"index_type": index.kind, "metric": metric, "M": int(p.get("M", 16))},
+        rows=len(als.space),
+        summary=f"{index.kind} index over {len(als.space)} items ({metric})",
+    )
+
+
+@stage_function("model_evaluation")
+def model_evaluation(ctx: StageContext) -> StageResult:
+    """Metrics for the promotion check, on a held-out window: the same training procedure
+    on the data before the last ``validation_days`` days, evaluated on the features users
+    first used in those days. Reports the serving default strategy's metrics under plain
+    names (ndcg@5, hit_rate@3, diversity_score, coverage, novelty) and every strategy's as
+    ``<strategy>.<metric>``."""
+    from featurerec.evaluation.metrics import item_similarity
+    from featurerec.evaluation.offline import TestSet, evaluate
+
+    data = _data(ctx)
+    cfg = _train_config(ctx)
+    split = validation_split(data, cfg.validation_days)
+    if split is None:
+        raise DataError(
+            "model_evaluation: no feature was first used in the last "
+            f"{cfg.validation_days:g} days before the as-of time; nothing to evaluate on"
+        )
+    bundle, _ = train_bundle(
+        split.pre, replace(cfg, validation_days=cfg.validation_days), ctx.progress
+    )
+    rows = split.eval_rows
+    states = split.pre.user_states([split.pre.users[i] for i in rows])
+    exclude = np.asarray(split.pre.matrix[rows].toarray() > 0)
+    test = TestSet(states, split.targets[rows], exclude, data.features)
+    result = evaluate(bundle, test, similarity=item_similarity(split.pre.matrix), seed=ctx.seed)
+    main = str(ctx.params.get("strategy", ctx.settings.serving.default_strategy))
+    if main not in result:
+        main = "hybrid" if "hybrid" in result else next(iter(result))
+    metrics: dict[str, float] = {}
+    for name, row in result.items():
+        for k, v in row.items():
+            if isinstance(v, int | float):
+                metrics[f"{name}.{k}"] = float(v)
+    for k, v in result[main].items():
+        if isinstance(v, int | float):
+            metrics[k] = float(v)
+    return StageResult(
+        params={"strategy": main, "validation_days": cfg.validation_days},
+        metrics=metrics,
+        rows=len(test),
+        summary=f"{main}: ndcg@5 {metrics.get('ndcg@5', 0):.3f}, "
+        f"hit_rate@3 {metrics.get('hit_rate@3', 0):.3f} on {len(test):,} users",
+    )
