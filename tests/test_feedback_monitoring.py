@@ -51,6 +51,17 @@ def _world(db: DuckDBEngine) -> None:
 
 
 @pytest.fixture
+def settings(tmp_path) -> Settings:
+    """Request-log source pinned (``auto`` would also try a server on localhost)."""
+    return Settings.model_validate(
+        {
+            "data_dir": str(tmp_path / "data"),
+            "monitoring": {"serving_metrics": "serving/requests.jsonl"},
+        }
+    )
+
+
+@pytest.fixture
 def db():
     with DuckDBEngine(":memory:") as engine:
         _world(engine)
@@ -121,6 +132,28 @@ featurerec_requests_total{status="500"} 2
     assert st.p99_ms == pytest.approx(95.0)
     assert st.error_rate == pytest.approx(0.02) and st.requests == 100
     assert histogram_quantile(0.5, [1.0, float("inf")], [0.0, 0.0]) is None
+
+
+def test_prometheus_in_the_servers_format() -> None:
+    """SERVE's app: latency histogram per endpoint, errors counter by endpoint and status."""
+    text = """# TYPE featurerec_request_latency_seconds histogram
+featurerec_request_latency_seconds_bucket{endpoint="/api/v1/recommendations",le="0.01"} 90.0
+featurerec_request_latency_seconds_bucket{endpoint="/api/v1/recommendations",le="0.1"} 98.0
+featurerec_request_latency_seconds_bucket{endpoint="/api/v1/recommendations",le="+Inf"} 98.0
+featurerec_request_latency_seconds_count{endpoint="/api/v1/recommendations"} 98.0
+featurerec_request_latency_seconds_bucket{endpoint="/api/v1/events",le="0.01"} 0.0
+featurerec_request_latency_seconds_bucket{endpoint="/api/v1/events",le="0.1"} 0.0
+featurerec_request_latency_seconds_bucket{endpoint="/api/v1/events",le="+Inf"} 500.0
+featurerec_request_latency_seconds_count{endpoint="/api/v1/events"} 500.0
+# TYPE featurerec_request_errors_total counter
+featurerec_request_errors_total{endpoint="/api/v1/recommendations",status="500"} 2.0
+featurerec_request_errors_total{endpoint="/api/v1/recommendations",status="422"} 7.0
+"""
+    st = parse_prometheus(text)
+    assert st.requests == 100  # 98 observed + 2 server errors; the events endpoint ignored
+    assert st.error_rate == pytest.approx(0.02)
+    # rank 0.99 * 98 = 97.02 in (0.01, 0.1] holding 8 obs: 0.01 + 0.09 * 7.02 / 8
+    assert st.p99_ms == pytest.approx((0.01 + 0.09 * 7.02 / 8) * 1000)
 
 
 class _Hook(BaseHTTPRequestHandler):

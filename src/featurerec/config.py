@@ -148,9 +148,10 @@ class MonitoringConfig(_Section):
     alert_margin: float = Field(default=0.5, gt=0)
     #: Alert state (one alert per breach), relative to the data directory unless absolute.
     state_file: str = "monitoring/alert_state.json"
-    #: Serving metrics source: a JSONL request log (relative to the data directory unless
-    #: absolute) or an http(s) URL of the server's Prometheus /metrics.
-    serving_metrics: str = "serving/requests.jsonl"
+    #: Serving metrics source: "auto" (request log if present, else the server's /metrics),
+    #: a JSONL request log (relative to the data directory unless absolute) or an http(s) URL
+    #: of the server's Prometheus /metrics.
+    serving_metrics: str = "auto"
     webhook_timeout_seconds: float = Field(default=5.0, gt=0)
 
 

@@ -112,7 +112,8 @@ def report_cmd(
 
     settings = settings_from(ctx)
     spec = find_experiment(settings, name)
-    log_path = Path(settings.monitoring.serving_metrics)
+    src = settings.monitoring.serving_metrics
+    log_path = Path("serving/requests.jsonl" if src == "auto" else src)
     if not log_path.is_absolute():
         log_path = settings.data_path / log_path
     lat = (

@@ -3,7 +3,9 @@
 The serving process never opens the warehouse, so these come from what the server writes.
 ``settings.monitoring.serving_metrics`` names the source:
 
-* a JSON-lines request log (default ``<data dir>/serving/requests.jsonl``), one object per
+* ``auto`` (default): the request log below when it exists, else the server's ``/metrics``
+  at ``[serving] host:port`` (SERVE's Prometheus endpoint), else no data;
+* a JSON-lines request log (e.g. ``serving/requests.jsonl`` in the data dir), one object per
   request with ``timestamp`` (ISO, UTC), ``latency_ms`` and either ``status`` (HTTP code;
   >= 500 is an error) or ``error`` (bool). Windows apply.
 * an ``http(s)://`` URL of the server's Prometheus ``/metrics``: a histogram whose name ends
@@ -40,9 +42,22 @@ def _path(settings: Settings) -> Path:
 
 
 def read_serving_stats(settings: Settings, *, start: datetime, end: datetime) -> ServingStats:
+    """Serving stats from the configured source; ``auto`` (the default) reads the request log
+    when it exists, else the running server's ``/metrics`` (host/port from ``[serving]``),
+    else reports no data."""
     src = settings.monitoring.serving_metrics
+    timeout = settings.monitoring.webhook_timeout_seconds
     if src.startswith(("http://", "https://")):
-        return _from_prometheus(src, settings.monitoring.webhook_timeout_seconds)
+        return _from_prometheus(src, timeout)
+    if src == "auto":
+        log_path = settings.data_path / "serving" / "requests.jsonl"
+        if log_path.exists():
+            return read_request_log(log_path, start=start, end=end)
+        url = f"http://{settings.serving.host}:{settings.serving.port}/metrics"
+        try:
+            return _from_prometheus(url, min(timeout, 2.0))
+        except DataError:
+            return ServingStats(0, None, None, f"{url} (not reachable)")
     return read_request_log(_path(settings), start=start, end=end)
 
 
@@ -93,7 +108,19 @@ def histogram_quantile(q: float, bounds: list[float], cumulative: list[float]) -
     return prev_b
 
 
+#: The recommendation endpoint's label in the server's histogram (SERVE's app.py).
+RECOMMEND_ENDPOINT = "/api/v1/recommendations"
+
+
 def parse_prometheus(text: str, source: str = "metrics") -> ServingStats:
+    """p99 and error rate from Prometheus text.
+
+    Latency: a histogram named ``*latency_seconds`` / ``*latency_ms``; when it has an
+    ``endpoint`` label only the recommendation endpoint counts. Errors: a counter
+    ``*request_errors_total`` (status >= 500 counts; 4xx are the caller's errors) or a
+    ``*requests_total`` counter with a ``status`` / ``code`` label. Requests: the histogram's
+    observations plus 5xx errors, or the ``*requests_total`` counter when present.
+    """
     from prometheus_client.parser import text_string_to_metric_families
 
     buckets: dict[float, float] = {}
@@ -101,27 +128,35 @@ def parse_prometheus(text: str, source: str = "metrics") -> ServingStats:
     total = 0.0
     errors = 0.0
     for fam in text_string_to_metric_families(text):
+        base = fam.name.removesuffix("_total")
         if fam.type == "histogram" and fam.name.endswith(("latency_seconds", "latency_ms")):
             scale = 1000.0 if fam.name.endswith("seconds") else 1.0
-            for s in fam.samples:
-                if s.name.endswith("_bucket"):
-                    le = float(s.labels["le"])
-                    buckets[le] = buckets.get(le, 0.0) + s.value
-        elif fam.type in ("counter", "unknown") and fam.name.removesuffix("_total").endswith(
-            "requests"
-        ):
-            for s in fam.samples:
-                if not s.name.endswith("_total"):
+            for smp in fam.samples:
+                ep = smp.labels.get("endpoint")
+                if smp.name.endswith("_bucket") and ep in (None, RECOMMEND_ENDPOINT):
+                    le = float(smp.labels["le"])
+                    buckets[le] = buckets.get(le, 0.0) + smp.value
+        elif fam.type in ("counter", "unknown") and base.endswith("request_errors"):
+            for smp in fam.samples:
+                ep = smp.labels.get("endpoint")
+                code = str(smp.labels.get("status", smp.labels.get("code", "500")))
+                if smp.name.endswith("_total") and ep in (None, RECOMMEND_ENDPOINT):
+                    if code.startswith("5") or code == "error":
+                        errors += smp.value
+        elif fam.type in ("counter", "unknown") and base.endswith("requests"):
+            for smp in fam.samples:
+                if not smp.name.endswith("_total"):
                     continue
-                total += s.value
-                code = str(s.labels.get("status", s.labels.get("code", "200")))
+                total += smp.value
+                code = str(smp.labels.get("status", smp.labels.get("code", "200")))
                 if code.startswith("5") or code == "error":
-                    errors += s.value
+                    errors += smp.value
     bounds = sorted(buckets)
     p99 = histogram_quantile(0.99, bounds, [buckets[b] for b in bounds])
-    n = int(total) if total else int(buckets.get(math.inf, 0))
+    if not total:
+        total = buckets.get(math.inf, 0.0) + errors
     return ServingStats(
-        n,
+        int(total),
         None if p99 is None else p99 * scale,
         errors / total if total else None,
         source,
