@@ -140,9 +140,13 @@ def parse_prometheus(text: str, source: str = "metrics") -> ServingStats:
             for smp in fam.samples:
                 ep = smp.labels.get("endpoint")
                 code = str(smp.labels.get("status", smp.labels.get("code", "500")))
-                if smp.name.endswith("_total") and ep in (None, RECOMMEND_ENDPOINT):
-                    if code.startswith("5") or code == "error":
-                        errors += smp.value
+                server_error = code.startswith("5") or code == "error"
+                if (
+                    smp.name.endswith("_total")
+                    and ep in (None, RECOMMEND_ENDPOINT)
+                    and server_error
+                ):
+                    errors += smp.value
         elif fam.type in ("counter", "unknown") and base.endswith("requests"):
             for smp in fam.samples:
                 if not smp.name.endswith("_total"):
