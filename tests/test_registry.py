@@ -188,3 +188,9 @@ def test_criteria_parsing():
     )
     assert [r.passed for r in res] == [False, True, False]
     assert failing(res)[0] == "a 0.5 is not > 0.5"
+
+
+def test_state_kind_latest_is_newest(reg, tmp_path):
+    reg.register("feature-recommender-online", artifact(tmp_path, "s1"), kind="state")
+    reg.register("feature-recommender-online", artifact(tmp_path, "s2"), kind="state")
+    assert reg.resolve("state:/feature-recommender-online/latest").version == 2

@@ -7,7 +7,7 @@ Layout under ``root`` (``<data_dir>/registry``)::
     <kind>/<name>/state.json                  stage of each version + production history
     audit.log                                 one JSON line per stage change (forced ones too)
 
-``kind`` is ``models`` or ``indexes``, matching the spec's URIs
+``kind`` is ``models``, ``indexes`` or ``state``, matching the spec's URIs
 (``models:/feature-recommender-mf/production``, ``indexes:/feature-recommender-hnsw/latest``).
 A version is written into a temporary folder and renamed into place, so a crash never leaves
 a half-registered version; :meth:`Registry.resolve` re-hashes every file and refuses a corrupt
@@ -15,9 +15,11 @@ or partial artifact with :class:`ModelError`, so a server keeps the production i
 
 Stages: ``staging`` (one per name: registering a new one archives the previous staging),
 ``production`` (one per name; promotion archives the previous production), ``archived``.
-URI selectors: ``production``, ``staging``, a version number, and ``latest``, which means the
-current production version: an index is promoted with the models of the run that built it, so
-``latest`` never hands out an index built from a model that did not pass evaluation.
+URI selectors: ``production``, ``staging``, a version number, and ``latest``. For ``models``
+and ``indexes`` ``latest`` means the current production version: an index is promoted with
+the models of the run that built it, so ``latest`` never hands out an index built from a model
+that did not pass evaluation. ``state:/...`` (the serving snapshot, data rather than a model)
+is not gated: its ``latest`` is the newest registered version.
 
 Example::
 
@@ -54,10 +56,13 @@ from featurerec.registry.criteria import check_criteria, failing
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["models", "indexes"]
-KINDS: tuple[str, ...] = ("models", "indexes")
+Kind = Literal["models", "indexes", "state"]
+KINDS: tuple[str, ...] = ("models", "indexes", "state")
+#: Kinds whose ``latest`` means "current production" (promotion-gated). ``state`` (the online
+#: snapshot, data rather than a model) is not gated: its ``latest`` is the newest version.
+GATED_KINDS: tuple[str, ...] = ("models", "indexes")
 STAGES: tuple[str, ...] = ("staging", "production", "archived")
-_URI = re.compile(r"^(models|indexes):/([A-Za-z0-9][A-Za-z0-9_.\-]*)/([A-Za-z0-9_]+)$")
+_URI = re.compile(r"^(models|indexes|state):/([A-Za-z0-9][A-Za-z0-9_.\-]*)/([A-Za-z0-9_]+)$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -247,6 +252,11 @@ class Registry:
         kind, name, sel = parse_uri(uri)
         if sel.isdigit():
             return self.get(name, int(sel), kind)
+        if sel == "latest" and kind not in GATED_KINDS:
+            versions = self.versions(name, kind)
+            if not versions:
+                raise ModelError(f"{uri}: nothing registered yet")
+            return versions[-1]
         stage = "production" if sel == "latest" else sel
         if stage not in ("production", "staging"):
             raise ModelError(
