@@ -61,6 +61,10 @@ class ServingModel(Protocol):
     features: list[str]
     is_fallback: bool
 
+    def strategy_name(self, requested: str) -> str:
+        """The strategy actually served for ``requested`` (bundles may lack some)."""
+        ...
+
     def recommend(
         self,
         strategy: str,
@@ -89,6 +93,7 @@ class SnapshotFallback:
         n = max(snapshot.n_users, 1)
         self.overall = (snapshot.adopters / n).astype(np.float64)
         self._segment: dict[tuple[str, str], np.ndarray] = {}
+        self.min_support = min_support
         for s, (rc, bc) in enumerate(
             zip(snapshot.segment_roles.tolist(), snapshot.segment_buckets.tolist(), strict=True)
         ):
@@ -97,6 +102,9 @@ class SnapshotFallback:
                 self._segment[(snapshot.roles[rc], TEAM_SIZE_BUCKETS[bc])] = (
                     snapshot.segment_adopters[s] / users
                 )
+
+    def strategy_name(self, requested: str) -> str:
+        return "fallback"
 
     def scores(self, user: UserState) -> np.ndarray:
         ctx = user.context
@@ -370,7 +378,7 @@ class RecommendationService:
             latency_ms=0.0,
             request_id=request_id,
             placement=placement,
-            strategy=strategy if not fallback else "fallback",
+            strategy=model.strategy_name(strategy),
             fallback=fallback,
             cold_start=row is None
             or user.event_count < self.settings.windows.cold_start_max_events,

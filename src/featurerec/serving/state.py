@@ -171,6 +171,10 @@ class OnlineState:
                 event_count=int(self.event_count[row]),
             )
 
+    def all_user_states(self) -> list[UserState]:
+        """Every user's state (model warm-up at load time, not the request path)."""
+        return [self.user_state(r) for r in range(self._n)]
+
     def adopted_row(self, row: int) -> np.ndarray:
         with self._lock:
             return self.adopted[row].copy()
@@ -328,3 +332,21 @@ class OnlineState:
             row = self.ensure_row(user_id)
             d = self._dismissed.setdefault(row, {})
             d[j] = max(ts, d.get(j, -np.inf))
+
+    def adopt_history(self, old: OnlineState) -> None:
+        """Carry exposure and dismissals over from the state this one replaces."""
+        with old._lock:
+            shown = {old._user_ids[r]: list(h) for r, h in old._shown.items()}
+            dismissed = {old._user_ids[r]: dict(d) for r, d in old._dismissed.items()}
+            old_features = old.features
+        remap = {j: self.findex.get(f) for j, f in enumerate(old_features)}
+        for uid, hist in shown.items():
+            moved = [(ts, remap[j]) for ts, j in hist if remap.get(j) is not None]
+            if moved:
+                with self._lock:
+                    row = self.ensure_row(uid)
+                    self._shown[row] = sorted(moved)  # type: ignore[arg-type]
+        for uid, d in dismissed.items():
+            for j, ts in d.items():
+                if remap.get(j) is not None:
+                    self.record_dismissal(uid, old_features[j], ts)

@@ -167,3 +167,75 @@ def fill_fixture_warehouse(
     for t in ("_ws", "_users", "_events"):
         engine.unregister(t)
     return {"users": n_users, "workspaces": n_ws, "events": events.num_rows}
+
+
+def training_data_from_snapshot(snap: Any) -> Any:
+    """A :class:`TrainingData` from a snapshot's arrays (for tests and the benchmark fixture;
+    the pipeline trains from the ml.* tables instead)."""
+    import scipy.sparse as sp
+
+    from featurerec.models.base import TEAM_SIZE_BUCKETS, TrainingData, UserContext
+
+    users = snap.user_ids.tolist()
+    matrix = sp.csr_matrix(np.where(snap.adopted, np.maximum(snap.strength, 0.01), 0.0))
+    matrix = matrix.astype(np.float32)
+    contexts = {}
+    for i, u in enumerate(users):
+        rc, pc, ic = int(snap.role_codes[i]), int(snap.plan_codes[i]), int(snap.industry_codes[i])
+        seats = int(snap.seat_count[i])
+        contexts[u] = UserContext(
+            role=snap.roles[rc] if rc >= 0 else None,
+            plan=snap.plans[pc] if pc >= 0 else None,
+            seat_count=None if seats < 0 else seats,
+            team_size_bucket=TEAM_SIZE_BUCKETS[int(snap.bucket_codes[i])],
+            industry=snap.industries[ic] if ic >= 0 else None,
+            account_age_days=int(snap.account_age_days[i]),
+        )
+    recent = {
+        u: tuple(snap.features[j] for j in snap.recent[i].tolist() if j >= 0)
+        for i, u in enumerate(users)
+    }
+    return TrainingData(
+        users=users,
+        features=list(snap.features),
+        matrix=matrix,
+        contexts=contexts,
+        transitions={(t.from_feature, t.to_feature): t.probability for t in snap.transitions},
+        recent=recent,
+        event_counts={u: int(c) for u, c in zip(users, snap.event_count.tolist(), strict=True)},
+        as_of=snap.as_of.isoformat(),
+    )
+
+
+def train_fixture_bundle(snap: Any, seed: int = 0) -> Any:
+    """A small real bundle (ALS with few factors, every strategy) trained on ``snap``."""
+    from featurerec.models.als import ALSParams
+    from featurerec.models.fit import TrainConfig, train_bundle
+
+    params = ALSParams(factors=8, iterations=5)
+    bundle, _ = train_bundle(
+        training_data_from_snapshot(snap),
+        TrainConfig(als_params=params, als_grid=(params,), seed=seed, transition_weight=0.3),
+    )
+    return bundle
+
+
+def publish_bundle(registry: Any, bundle: Any, root: Any) -> dict[str, str]:
+    """Save ``bundle`` under ``root`` and register + promote its three artifacts under the
+    default deployment's names; returns name -> uri."""
+    from pathlib import Path
+
+    root = Path(root)
+    bundle.save(root)
+    out = {}
+    for name, sub, kind in (
+        ("feature-recommender-mf", "mf", "models"),
+        ("feature-recommender-hnsw", "index", "indexes"),
+        ("feature-recommender-bandit", "ranker", "models"),
+    ):
+        if not (root / sub).exists():
+            continue
+        mv = registry.register(name, root / sub, kind=kind)
+        registry.promote(name, mv.version, criteria=None, force=True, kind=kind, reason="test")
+        out[name] = mv.uri
+    return out
