@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from featurerec.config import Settings
@@ -14,84 +13,8 @@ from featurerec.evaluation.runner import run_evaluation
 from featurerec.evaluation.split import last_k, time_split
 from featurerec.models.als import ALSParams
 from featurerec.models.fit import TrainConfig
+from featurerec.models.toy import toy_warehouse
 from featurerec.warehouse.engine import DuckDBEngine
-
-FEATURES = [f"f{i}" for i in range(12)]
-ROLES = ["engineer", "manager", "designer"]
-# each role walks through the features in its own fixed order
-ORDER = {
-    r: [FEATURES[j] for j in np.random.default_rng(i).permutation(len(FEATURES))]
-    for i, r in enumerate(ROLES)
-}
-START = datetime(2026, 1, 1)
-
-
-def build_warehouse(n_users: int = 120, days: int = 60, seed: int = 0) -> DuckDBEngine:
-    """Users adopt features in their role's order, one every few days, and keep using them."""
-    rng = np.random.default_rng(seed)
-    db = DuckDBEngine(":memory:")
-    ev: dict[str, list] = {
-        c: []
-        for c in (
-            "event_id",
-            "user_id",
-            "workspace_id",
-            "event_type",
-            "timestamp",
-            "feature_category",
-            "session_id",
-            "session_sequence",
-        )
-    }
-    users, workspaces = [], []
-    n = 0
-    for u in range(n_users):
-        uid = f"u{u:04d}"
-        role = ROLES[u % len(ROLES)]
-        ws = f"w{u % 10}"
-        signup = START + timedelta(days=int(rng.integers(0, 20)))
-        users.append((uid, ws, role, signup.date()))
-        t = signup
-        seq = ORDER[role]
-        adopted: list[str] = []
-        gap = float(rng.uniform(5, 14))
-        next_adopt = t
-        while t < START + timedelta(days=days):
-            if t >= next_adopt and len(adopted) < len(seq):
-                adopted.append(seq[len(adopted)])
-                next_adopt = t + timedelta(days=gap)
-            sess = f"s{uid}_{t:%j%H}"
-            for i, f in enumerate(adopted[-3:]):
-                n += 1
-                ev["event_id"].append(f"e{n}")
-                ev["user_id"].append(uid)
-                ev["workspace_id"].append(ws)
-                ev["event_type"].append("feature_used")
-                ev["timestamp"].append(t + timedelta(minutes=i))
-                ev["feature_category"].append(f)
-                ev["session_id"].append(sess)
-                ev["session_sequence"].append(i)
-            t += timedelta(days=float(rng.uniform(0.5, 2.0)))
-    for w in range(10):
-        workspaces.append(
-            (f"w{w}", ["free", "pro"][w % 2], ["software", "finance"][w % 2], [3, 40][w % 2])
-        )
-    tbl = pa.table(ev)
-    db.register_arrow("_ev", tbl)
-    db.execute("INSERT INTO events BY NAME SELECT * FROM _ev")
-    db.unregister("_ev")
-    for uid, ws, role, signup in users:
-        db.execute(
-            "INSERT INTO users (user_id, workspace_id, role, signup_date) VALUES ($u, $w, $r, $s)",
-            {"u": uid, "w": ws, "r": role, "s": signup},
-        )
-    for wid, plan, ind, seats in workspaces:
-        db.execute(
-            "INSERT INTO workspaces (workspace_id, plan, industry, seat_count) VALUES ($w, $p, $i, $s)",
-            {"w": wid, "p": plan, "i": ind, "s": seats},
-        )
-    return db
-
 
 SETTINGS = Settings.model_validate({"windows": {"min_transition_count": 1}})
 FAST = TrainConfig(als_grid=(ALSParams(8, 0.1, 5, 10.0), ALSParams(4, 1.0, 5, 40.0)))
@@ -99,7 +22,7 @@ FAST = TrainConfig(als_grid=(ALSParams(8, 0.1, 5, 10.0), ALSParams(4, 1.0, 5, 40
 
 @pytest.fixture(scope="module")
 def warehouse() -> DuckDBEngine:
-    return build_warehouse()
+    return toy_warehouse()
 
 
 def test_time_split_holds_out_first_uses_after_the_cut(warehouse: DuckDBEngine) -> None:

@@ -74,9 +74,7 @@ def evaluate_cmd(
                 if seg in row.get("segments", {})
             }
             if rows:
-                print_table(
-                    _table(rows), title=f"segment: {seg}", columns=COLUMNS[:-2] + ("users",)
-                )
+                print_table(_table(rows), title=f"segment: {seg}", columns=(*COLUMNS[:-2], "users"))
 
 
 def _table(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

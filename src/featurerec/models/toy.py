@@ -11,11 +11,15 @@ worlds uses that.
 from __future__ import annotations
 
 import itertools
+from datetime import datetime, timedelta
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import scipy.sparse as sp
 
 from featurerec.models.base import TrainingData, UserContext, team_size_bucket
+from featurerec.warehouse.engine import DuckDBEngine
 
 ROLES = ("engineer", "project_manager", "designer", "marketer", "executive")
 PLANS = ("free", "pro", "business", "enterprise")
@@ -106,3 +110,82 @@ def toy_training_data(
         as_of=str(as_of_day),
         first_used=first_used,
     )
+
+
+WH_FEATURES = [f"f{i}" for i in range(12)]
+WH_ROLES = ["engineer", "manager", "designer"]
+# each role walks through the features in its own fixed order
+WH_ORDER = {
+    r: [WH_FEATURES[j] for j in np.random.default_rng(i).permutation(len(WH_FEATURES))]
+    for i, r in enumerate(WH_ROLES)
+}
+WH_START = datetime(2026, 1, 1)
+
+
+def toy_warehouse(n_users: int = 120, days: int = 60, seed: int = 0) -> DuckDBEngine:
+    """An in-memory warehouse whose users adopt features in their role's fixed order, one
+    every 5-14 days, and keep using their last three in sessions (for evaluation tests)."""
+    rng = np.random.default_rng(seed)
+    db = DuckDBEngine(":memory:")
+    ev: dict[str, list[Any]] = {
+        c: []
+        for c in (
+            "event_id",
+            "user_id",
+            "workspace_id",
+            "event_type",
+            "timestamp",
+            "feature_category",
+            "session_id",
+            "session_sequence",
+        )
+    }
+    users: list[tuple[str, str, str, Any]] = []
+    workspaces = []
+    n = 0
+    for u in range(n_users):
+        uid = f"u{u:04d}"
+        role = WH_ROLES[u % len(WH_ROLES)]
+        ws = f"w{u % 10}"
+        signup = WH_START + timedelta(days=int(rng.integers(0, 20)))
+        users.append((uid, ws, role, signup.date()))
+        t = signup
+        seq = WH_ORDER[role]
+        adopted: list[str] = []
+        gap = float(rng.uniform(5, 14))
+        next_adopt = t
+        while t < WH_START + timedelta(days=days):
+            if t >= next_adopt and len(adopted) < len(seq):
+                adopted.append(seq[len(adopted)])
+                next_adopt = t + timedelta(days=gap)
+            sess = f"s{uid}_{t:%j%H}"
+            for i, f in enumerate(adopted[-3:]):
+                n += 1
+                ev["event_id"].append(f"e{n}")
+                ev["user_id"].append(uid)
+                ev["workspace_id"].append(ws)
+                ev["event_type"].append("feature_used")
+                ev["timestamp"].append(t + timedelta(minutes=i))
+                ev["feature_category"].append(f)
+                ev["session_id"].append(sess)
+                ev["session_sequence"].append(i)
+            t += timedelta(days=float(rng.uniform(0.5, 2.0)))
+    for w in range(10):
+        workspaces.append(
+            (f"w{w}", ["free", "pro"][w % 2], ["software", "finance"][w % 2], [3, 40][w % 2])
+        )
+    tbl = pa.table(ev)
+    db.register_arrow("_ev", tbl)
+    db.execute("INSERT INTO events BY NAME SELECT * FROM _ev")
+    db.unregister("_ev")
+    for uid, ws, role, signup_day in users:
+        db.execute(
+            "INSERT INTO users (user_id, workspace_id, role, signup_date) VALUES ($u, $w, $r, $s)",
+            {"u": uid, "w": ws, "r": role, "s": signup_day},
+        )
+    for wid, plan, ind, seats in workspaces:
+        db.execute(
+            "INSERT INTO workspaces (workspace_id, plan, industry, seat_count) VALUES ($w, $p, $i, $s)",
+            {"w": wid, "p": plan, "i": ind, "s": seats},
+        )
+    return db
