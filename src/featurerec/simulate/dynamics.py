@@ -181,7 +181,7 @@ class ChunkSim:
         self.p_active = np.minimum(params.active_base * e, params.active_max)
         act = params.activity_scale
         self.sess_extra = params.sessions_extra_mean * np.sqrt(e) * act**0.5
-        self.sess_len = params.session_features_mean * e**0.3 * act**0.5
+        self.sess_len = params.session_features_mean * e**params.session_len_elasticity * act**0.5
 
         # workspaces
         nw = self.w1 - self.w0

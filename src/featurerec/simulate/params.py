@@ -74,18 +74,18 @@ BASE_UTILITY = _vec(
 #: fitted: daily probability scale that an active user stumbles on a feature by themselves.
 DISCOVER = _vec(
     {
-        "kanban_boards": 0.30,
-        "task_management": 0.25,
-        "file_sharing": 0.08,
-        "automations": 0.006,
-        "gantt_charts": 0.006,
-        "custom_dashboards": 0.006,
-        "api_access": 0.006,
-        "forms": 0.003,
-        "advanced_reports": 0.005,
-        "timelines": 0.003,
-        "integrations": 0.010,
-        "team_management": 0.008,
+        "kanban_boards": 0.104726,
+        "task_management": 0.071416,
+        "file_sharing": 0.038747,
+        "automations": 0.001451,
+        "gantt_charts": 0.00186,
+        "custom_dashboards": 0.001696,
+        "api_access": 0.003821,
+        "forms": 0.00075,
+        "advanced_reports": 0.002852,
+        "timelines": 0.001804,
+        "integrations": 0.004,
+        "team_management": 0.003,
     }
 )
 
@@ -111,11 +111,11 @@ DISCOVERY_BOOST: tuple[tuple[str, str, float], ...] = (
 TRANSITION_DEFAULT = 1.0
 TRANSITION_STAY = 2.0
 TRANSITION: tuple[tuple[str, str, float], ...] = (
-    ("kanban_boards", "automations", 6.0),
-    ("task_management", "gantt_charts", 5.0),
-    ("kanban_boards", "custom_dashboards", 6.0),
-    ("file_sharing", "forms", 4.0),
-    ("automations", "advanced_reports", 4.0),
+    ("kanban_boards", "automations", 11.99),
+    ("task_management", "gantt_charts", 8.37),
+    ("kanban_boards", "custom_dashboards", 31.3),
+    ("file_sharing", "forms", 5.01),
+    ("automations", "advanced_reports", 25.0),
     ("kanban_boards", "task_management", 1.5),
     ("task_management", "kanban_boards", 1.5),
     ("gantt_charts", "timelines", 3.0),
@@ -140,7 +140,7 @@ class WorldParams:
     # utility = base + context + latent taste + noise
     latent_dim: int = 6
     latent_scale: float = 1.0  # sd of the taste term z_u . v_j
-    workspace_taste_share: float = 0.5  # share of taste variance common to the workspace
+    workspace_taste_share: float = 0.7  # share of taste variance common to the workspace
     noise_scale: float = 0.5  # sd of the idiosyncratic (unlearnable) term
     context_scale: float = 1.0
     #: hazard uses sigmoid(utility - discover_offset)
@@ -159,13 +159,14 @@ class WorldParams:
     usage_gamma: float = 0.6
 
     # engagement (fitted spread): p(active on a day) = clip(active_base * e, .., active_max)
-    engagement_sigma: float = 1.3
-    active_base: float = 0.22
+    engagement_sigma: float = 1.6
+    active_base: float = 0.0404
     active_max: float = 0.92
     weekend_factor: float = 0.35
     new_user_activity_boost: float = 2.0
     sessions_extra_mean: float = 0.5  # sessions per active day = 1 + Poisson(. * e^.5)
-    session_features_mean: float = 3.5  # feature_used events per session ~ Poisson(. * e^.3)
+    session_features_mean: float = 3.0  # feature_used events per session ~ Poisson(. * e^el)
+    session_len_elasticity: float = 0.5
     #: multiplies sessions and events per session (spec volume: ~120 feature_used/user/day)
     activity_scale: float = 1.0
 
@@ -178,7 +179,7 @@ class WorldParams:
     browse_discovered_prob: float = 0.03  # feature_discovered without adoption, per active day
 
     # population
-    seat_median: float = 5.0
+    seat_median: float = 3.0
     seat_sigma: float = 1.5
     seat_max: int = 2000
     #: daily rates that define who signs up inside the simulated window

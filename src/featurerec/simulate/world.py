@@ -404,7 +404,12 @@ class World:
         n = len(user)
         start = self.day_datetime(0)
         asof_us = self.config.days * DAY_US
-        subjects, tags, features, status, created, updated = [], [], [], [], [], []
+        subjects: list[str] = []
+        tags: list[str] = []
+        features: list[str | None] = []
+        status: list[str] = []
+        created: list[datetime] = []
+        updated: list[datetime] = []
         for u_item, t, rr in zip(item.tolist(), ts.tolist(), r.tolist(), strict=True):
             age_days = (asof_us - t) / DAY_US
             if u_item >= 0:
@@ -488,7 +493,7 @@ def _append_ndjson(table: pa.Table, path: Path) -> None:
             "is_first_use",
         )
     )
-    lines = con.execute(
+    rel = con.sql(
         f"""SELECT to_json({{
                 'event_id': event_id, 'user_id': user_id, 'workspace_id': workspace_id,
                 'event_type': event_type,
@@ -498,7 +503,8 @@ def _append_ndjson(table: pa.Table, path: Path) -> None:
                 'user_traits': json(user_traits),
                 'timestamp': strftime(timestamp, '%Y-%m-%dT%H:%M:%S.%fZ')
             }})::VARCHAR AS line FROM t"""
-    ).fetch_arrow_table()
+    )
+    lines = rel.to_arrow_table()
     con.close()
     text = "\n".join(lines.column("line").to_pylist())
     with open(path, "a", encoding="utf-8") as dst:

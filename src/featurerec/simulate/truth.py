@@ -1,0 +1,127 @@
+"""Hidden ground truth of a simulated world, for evaluation's oracle and the response model.
+
+Only :mod:`featurerec.evaluation` (to rank by true utility: the ceiling) and the simulator's
+own response model / online continuation may import this module. The engine (transforms,
+models, serving) never does; a test greps for it.
+
+``GroundTruth.load(world_dir)`` reads ``world_dir/ground_truth/``:
+
+* ``utility`` (users x features, float32): the utility each user would get from each feature
+  (context + latent taste + noise, see :mod:`featurerec.simulate.dynamics`). Higher is better;
+  ``sigmoid(utility)`` reads as "how likely this feature is worth it to them".
+* ``eligible`` (bool): the feature is on the user's plan and inside its flag rollout.
+* ``adopt_day`` (int32): day index (0 = first simulated day) of the user's first use; negative
+  for first uses before the window; :data:`NOT_ADOPTED` if never.
+* ``kept`` (bool): the user kept using the feature after trying it.
+
+Example (oracle top-3 among features not yet used)::
+
+    truth = GroundTruth.load("world")
+    idx = truth.user_index(["usr_0000042"])
+    scores = truth.oracle_scores(idx)          # -inf where adopted or not eligible
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from featurerec.errors import DataError
+
+NOT_ADOPTED = 2**30
+
+
+@dataclass
+class GroundTruth:
+    features: tuple[str, ...]
+    groups: np.ndarray
+    utility: np.ndarray
+    eligible: np.ndarray
+    adopt_day: np.ndarray
+    kept: np.ndarray
+    signup_day: np.ndarray
+    start: date
+    days: int
+
+    @classmethod
+    def load(cls, world_dir: Path | str) -> GroundTruth:
+        gt = Path(world_dir) / "ground_truth"
+        meta_path = gt / "truth.json"
+        if not meta_path.exists():
+            raise DataError(f"{world_dir}: no ground_truth/truth.json (not a simulated world?)")
+        meta = json.loads(meta_path.read_text())
+        n_chunks = len(meta["chunks"])
+        utility = np.concatenate([np.load(gt / f"utility-{c:05d}.npy") for c in range(n_chunks)])
+        eligible = np.concatenate([np.load(gt / f"eligible-{c:05d}.npy") for c in range(n_chunks)])
+        adopt, kept = [], []
+        for c in range(n_chunks):
+            with np.load(gt / f"state-{c:05d}.npz") as z:
+                adopt.append(z["adopt_day"])
+                kept.append(z["kept"])
+        with np.load(gt / "population.npz") as pop:
+            signup = pop["user_signup_day"].copy()
+        return cls(
+            features=tuple(meta["features"]),
+            groups=np.array(meta["groups"], dtype=np.int32),
+            utility=utility,
+            eligible=eligible,
+            adopt_day=np.concatenate(adopt),
+            kept=np.concatenate(kept),
+            signup_day=signup,
+            start=date.fromisoformat(meta["start"]),
+            days=int(meta["days"]),
+        )
+
+    # ------------------------------------------------------------------------------------
+    @property
+    def n_users(self) -> int:
+        return int(self.utility.shape[0])
+
+    def user_index(self, user_ids: list[str] | np.ndarray | pa.Array) -> np.ndarray:
+        """Row indexes of ``usr_NNNNNNN`` ids; unknown ids raise :class:`DataError`."""
+        arr = user_ids if isinstance(user_ids, pa.Array) else pa.array(list(user_ids), pa.string())
+        if len(arr) == 0:
+            return np.empty(0, dtype=np.int64)
+        ok = pc.all(pc.match_substring_regex(arr, r"^usr_\d+$")).as_py()
+        if not ok:
+            bad = [u for u in arr.to_pylist() if not (u or "").startswith("usr_")][:3]
+            raise DataError(f"not simulated user ids: {bad}")
+        idx = pc.cast(pc.utf8_slice_codeunits(arr, 4), pa.int64()).to_numpy()
+        if (idx >= self.n_users).any():
+            raise DataError(f"user index out of range for a {self.n_users}-user world")
+        return idx
+
+    def feature_index(self, features: list[str] | np.ndarray) -> np.ndarray:
+        pos = {f: i for i, f in enumerate(self.features)}
+        try:
+            return np.array([pos[f] for f in features], dtype=np.int64)
+        except KeyError as exc:
+            raise DataError(f"unknown feature {exc.args[0]!r} (world has {len(pos)})") from None
+
+    def day_of(self, when: datetime | np.ndarray) -> np.ndarray:
+        """Fractional day index (0 = world start) of timestamps."""
+        t0 = np.datetime64(datetime(self.start.year, self.start.month, self.start.day), "us")
+        w = np.asarray(when, dtype="datetime64[us]")
+        return (w - t0).astype(np.int64) / 86_400_000_000
+
+    def adopted_by(self, day: float) -> np.ndarray:
+        """(users, features) bool: first use happened before ``day`` ends."""
+        return self.adopt_day <= np.floor(day)
+
+    def oracle_scores(self, users: np.ndarray, as_of_day: float | None = None) -> np.ndarray:
+        """True utility with -inf where the feature was already used (by ``as_of_day``,
+        default: the end of the simulated window) or is not available to the user."""
+        day = self.days - 1 if as_of_day is None else as_of_day
+        u = np.asarray(users, dtype=np.int64)
+        s = self.utility[u].astype(np.float64)
+        s[(self.adopt_day[u] <= np.floor(day)) | ~self.eligible[u]] = -np.inf
+        return s
+
+    def day_datetime(self, day: float) -> datetime:
+        return datetime(self.start.year, self.start.month, self.start.day) + timedelta(days=day)
