@@ -1,0 +1,254 @@
+"""Kafka consumer against a real Kafka-protocol broker: librdkafka's built-in mock cluster,
+started by the test (``test.mock.num.brokers``), its address from ``list_topics().brokers``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import confluent_kafka as ck
+import orjson
+import pyarrow as pa
+import pytest
+
+from featurerec.config import Settings
+from featurerec.errors import DataError
+from featurerec.events.sources.kafka import KafkaIngest, KafkaOptions, topic_regex
+from featurerec.events.validate import ValidatedBatch
+from featurerec.warehouse.engine import DuckDBEngine
+
+pytestmark = pytest.mark.kafka
+
+TOPIC_A = "segment.cloudflow.events.web"
+TOPIC_B = "segment.cloudflow.events.mobile"
+OTHER = "billing.invoices"
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[str]:
+    """A mock Kafka cluster living as long as its owning producer."""
+    owner = ck.Producer({"test.mock.num.brokers": 1, "log_level": 0})
+    md = owner.list_topics(timeout=10)
+    yield ",".join(f"{b.host}:{b.port}" for b in md.brokers.values())
+    owner.flush(1)
+
+
+def _event(i: int, event_type: str = "feature_used") -> bytes:
+    return orjson.dumps(
+        {
+            "event_id": f"evt_{i}",
+            "user_id": f"usr_{i % 13}",
+            "workspace_id": "ws_1",
+            "event_type": event_type,
+            "properties": {"feature_category": "automations", "session_sequence": i},
+            "timestamp": "2026-02-28T14:23:17Z",
+        }
+    )
+
+
+def _produce(bootstrap: str, items: list[tuple[str, bytes | None]]) -> None:
+    p = ck.Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    for topic, value in items:
+        p.produce(topic, value)
+    assert p.flush(10) == 0
+
+
+class DedupeWriter:
+    """Stands in for Ingestor.append: stores events in DuckDB, dropping event_ids already
+    stored (the append path's dedupe), plus the quarantine rows; counts calls."""
+
+    def __init__(self) -> None:
+        self.db = DuckDBEngine(":memory:")
+        self.calls = 0
+
+    def __call__(self, batch: Any) -> None:
+        assert isinstance(batch, ValidatedBatch)
+        self.calls += 1
+        self.db.register_arrow("_b", batch.events)
+        self.db.execute(
+            "INSERT INTO events SELECT *, 'kafka', now() FROM _b "
+            "WHERE event_id NOT IN (SELECT event_id FROM events)"
+        )
+        self.db.unregister("_b")
+        q = batch.quarantine.append_column(
+            "quarantined_at", pa.array([None] * batch.quarantined, pa.timestamp("us"))
+        )
+        self.db.register_arrow("_q", q)
+        self.db.execute("INSERT INTO ingest_quarantine SELECT * FROM _q")
+        self.db.unregister("_q")
+
+    def count(self, sql: str = "SELECT count(*) FROM events") -> int:
+        return int(self.db.scalar(sql))
+
+
+def _ingest(
+    settings: Settings, bootstrap: str, group: str, writer: Any, **opts: Any
+) -> KafkaIngest:
+    options = KafkaOptions(
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        batch_timeout_seconds=0.5,
+        # a short session lets a restarted member rejoin the mock cluster's group quickly
+        config={
+            "topic.metadata.refresh.interval.ms": "500",
+            "session.timeout.ms": "6000",
+            "heartbeat.interval.ms": "500",
+            "log_level": "0",
+        },
+        **opts,
+    )
+    return KafkaIngest("kafka_main", options, settings, writer)
+
+
+def test_consume_filter_quarantine_and_commit(settings: Settings, broker: str) -> None:
+    good = [(TOPIC_A if i % 2 else TOPIC_B, _event(i)) for i in range(200)]
+    noise = [(TOPIC_A, _event(1000 + i, "heartbeat")) for i in range(20)]
+    poison: list[tuple[str, bytes | None]] = [
+        (TOPIC_A, b"{not json"),
+        (TOPIC_A, b"\xff\xfe\x00garbage"),
+        (TOPIC_B, b"[1, 2, 3]"),
+        (TOPIC_B, None),
+        (
+            TOPIC_A,
+            orjson.dumps(
+                {
+                    "event_id": "bad_ts",
+                    "user_id": "u",
+                    "event_type": "feature_used",
+                    "timestamp": "when",
+                }
+            ),
+        ),
+    ]
+    segment = [
+        (
+            TOPIC_B,
+            orjson.dumps(
+                {
+                    "type": "track",
+                    "userId": "usr_seg",
+                    "event": "Task Created",
+                    "messageId": f"seg_{i}",
+                }
+            ),
+        )
+        for i in range(5)
+    ]
+    elsewhere = [(OTHER, _event(5000 + i)) for i in range(10)]
+    _produce(broker, good + noise + poison + segment + elsewhere)
+
+    writer = DedupeWriter()
+    ingest = _ingest(settings, broker, "g-main", writer, batch_size=100)
+    progress = ingest.run(idle_timeout=3)
+    assert progress.consumed == 230  # nothing from billing.invoices
+    assert writer.count() == 205
+    assert writer.count("SELECT count(*) FROM events WHERE event_type = 'task_created'") == 5
+    assert progress.filtered == 20 and progress.quarantined == 5
+    q = writer.db.query_rows("SELECT location, reason FROM ingest_quarantine ORDER BY reason")
+    assert all(
+        r["location"].startswith(
+            ("segment.cloudflow.events.web[", "segment.cloudflow.events.mobile[")
+        )
+        and "@" in r["location"]
+        for r in q
+    )
+    reasons = " | ".join(r["reason"] for r in q)
+    assert "invalid JSON" in reasons and "tombstone" in reasons
+    assert "not an ISO-8601 timestamp" in reasons and "UTF-8" in reasons
+    assert progress.total_lag == 0
+
+    # offsets are committed: the same group finds nothing new
+    again = _ingest(settings, broker, "g-main", writer)
+    assert again.run(idle_timeout=2).consumed == 0
+
+
+def test_replay_after_crash_adds_nothing(settings: Settings, broker: str) -> None:
+    topic = "segment.cloudflow.events.replay"
+    _produce(broker, [(topic, _event(i)) for i in range(300)])
+    writer = DedupeWriter()
+    crashing = _ingest(settings, broker, "g-replay", writer, topic_pattern=f"^{topic}$")
+
+    class Crash(Exception):
+        pass
+
+    def commit_then_die(*_: Any, **__: Any) -> None:
+        raise Crash("killed after the durable write, before the offset commit")
+
+    real_make = crashing._make_consumer
+
+    def make() -> Any:
+        consumer = real_make()
+        return _CommitFails(consumer, commit_then_die)
+
+    crashing._make_consumer = make  # type: ignore[method-assign]
+    with pytest.raises(Crash):
+        crashing.run(idle_timeout=3)
+    stored = writer.count()
+    assert stored == 300 and writer.calls >= 1
+
+    restarted = _ingest(settings, broker, "g-replay", writer, topic_pattern=f"^{topic}$")
+    progress = restarted.run(idle_timeout=2)
+    assert progress.consumed == 300  # the whole batch was redelivered…
+    assert writer.count() == stored  # …and added nothing
+
+
+class _CommitFails:
+    """A consumer whose commit fails (a process killed between write and commit)."""
+
+    def __init__(self, inner: ck.Consumer, fail: Any) -> None:
+        self._inner, self._fail = inner, fail
+
+    def commit(self, *a: Any, **kw: Any) -> None:
+        self._fail()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def test_sigterm_finishes_batch_and_commits(settings: Settings, broker: str) -> None:
+    topic = "segment.cloudflow.events.term"
+    _produce(broker, [(topic, _event(i)) for i in range(50)])
+    writer = DedupeWriter()
+    ingest = _ingest(settings, broker, "g-term", writer, topic_pattern=f"^{topic}$")
+    old = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    ingest.install_signal_handlers()
+
+    def term_when_done() -> None:
+        deadline = time.time() + 20
+        while writer.calls == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=term_when_done, daemon=True).start()
+    try:
+        progress = ingest.run()  # no idle timeout: only SIGTERM ends it
+    finally:
+        signal.signal(signal.SIGTERM, old[0])
+        signal.signal(signal.SIGINT, old[1])
+    assert progress.consumed == 50 and writer.count() == 50
+    c = ck.Consumer({"bootstrap.servers": broker, "group.id": "g-term"})
+    committed = c.committed([ck.TopicPartition(topic, p) for p in range(4)], timeout=10)
+    c.close()
+    assert sum(max(tp.offset, 0) for tp in committed) == 50
+
+
+def test_broker_down_is_reported_not_a_crash(settings: Settings) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ingest = _ingest(settings, f"127.0.0.1:{port}", "g-down", DedupeWriter())
+    progress = ingest.run(idle_timeout=1.0, join_timeout=1.5)
+    assert progress.consumed == 0
+    assert progress.broker_error is not None
+
+
+def test_topic_pattern_glob_to_regex() -> None:
+    assert topic_regex("segment.cloudflow.events.*") == r"^segment\.cloudflow\.events\..*"
+    assert topic_regex(r"^segment\.x\..*") == r"^segment\.x\..*"
+    with pytest.raises(DataError, match="not a valid regex"):
+        topic_regex("^(unclosed")
