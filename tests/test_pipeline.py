@@ -542,3 +542,49 @@ def test_cli_run_history_show_and_models(tmp_path, fakes, monkeypatch):
     res = cli.invoke(app, [*base, "models", "promote", "feature-recommender-mf", "3", "--force"])
     assert res.exit_code == 0 and "forced" in res.output
     assert reg.resolve("models:/feature-recommender-mf/production").version == 3
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def stage_started(self, name: str, attempt: int) -> None:
+        self.events.append(("start", name, attempt))
+
+    def stage_progress(self, name: str, done: float, total: float, message: str) -> None:
+        self.events.append(("progress", name, done, total, message))
+
+    def stage_finished(self, name: str, record) -> None:
+        self.events.append(("end", name, record.status))
+
+
+def test_progress_reaches_the_sink(env, fakes):
+    settings, db, reg, hist, _ = env
+    sink = RecordingSink()
+    PipelineRunner(parse_spec(spec_dict()), settings, db, reg, hist, sink=sink).run()
+    assert ("progress", "train_matrix_factorization", 1, 2, "half way") in sink.events
+    starts = [e[1] for e in sink.events if e[0] == "start"]
+    ends = [e[1] for e in sink.events if e[0] == "end"]
+    assert sorted(starts) == sorted(ends) == sorted(spec_dict_names())
+
+
+def spec_dict_names() -> list[str]:
+    return [s["name"] for s in spec_dict()["pipeline"]["stages"]]
+
+
+def test_single_feature_world_is_stopped_by_the_gate(tmp_path, fakes):
+    settings = Settings.model_validate({"data_dir": str(tmp_path / "data")})
+    with DuckDBEngine(":memory:") as db:
+        tiny_world(db)
+        db.execute("UPDATE events SET feature_category = 'only_one'")
+        record = PipelineRunner(
+            parse_spec(spec_dict()),
+            settings,
+            db,
+            Registry(tmp_path / "r"),
+            RunHistory(tmp_path / "h"),
+        ).run()
+    gate = record.stages["quality_gate"]
+    assert gate.status == "failed" and "feature_coverage 1 < min 8" in gate.error
+    assert record.stages["compute_transition_probs"].rows == 0  # no distinct consecutive pairs
+    assert fakes.calls == [] and Registry(tmp_path / "r").all_versions() == []

@@ -442,7 +442,11 @@ class PipelineRunner:
         out = _Outcome(
             rows=result.rows,
             summary=result.summary or (f"{human_count(result.rows)} rows" if result.rows else ""),
-            params={**params, **result.params} if stage.type != "model_evaluation" else {},
+            params=(
+                {**params, **result.params}
+                if stage.type != "model_evaluation"
+                else {"metrics": list(stage.metrics)}
+            ),
             metrics={k: float(v) for k, v in result.metrics.items()},
         )
         if stage.type == "model_evaluation":

@@ -99,7 +99,9 @@ def render_tree(run: RunRecord) -> list[str]:
             subs.append((chk.name, _check_status(chk)))
         if st.type == "model_evaluation" and st.status == "passed":
             crit = {cr.metric: cr for cr in st.criteria}
-            shown = list(dict.fromkeys([*crit, *st.metrics]))
+            # the stage's declared metrics (all of them when it declares none)
+            declared = st.params.get("metrics") or list(st.metrics)
+            shown = list(dict.fromkeys([*crit, *declared]))
             for m in shown:
                 cr = crit.get(m)
                 value = st.metrics.get(m)

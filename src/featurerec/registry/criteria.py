@@ -54,8 +54,8 @@ class CriterionResult:
         if self.value is None:
             return f"{c.metric} missing from the evaluation metrics (needs {c.op} {c.threshold:g})"
         if self.passed:
-            return f"{c.metric} {self.value:g} {c.op} {c.threshold:g}"
-        return f"{c.metric} {self.value:g} is not {c.op} {c.threshold:g}"
+            return f"{c.metric} {self.value:.4g} {c.op} {c.threshold:g}"
+        return f"{c.metric} {self.value:.4g} is not {c.op} {c.threshold:g}"
 
 
 def parse_criterion(metric: str, text: str) -> Criterion:
