@@ -289,13 +289,13 @@ def main() -> int:
                 "summary": s.summary,
             }
             for n, s in record.stages.items()
-        },  # fmt: skip
+        },
         "data": {
             **counts,
             **facts,
             "users_generated": args.users,
             "features_generated": args.features,
-        },  # fmt: skip
+        },
         "generate_seconds": round(timings["generate_s"], 2),
         "load_seconds": round(timings["load_s"], 2),
         "peak_rss_mb": round(peak_kb / 1024, 1),
