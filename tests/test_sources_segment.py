@@ -84,7 +84,7 @@ def server(tmp_path: Any) -> Iterator[tuple[str, Collector]]:
     """A real uvicorn server with the Segment router, on a free loopback port."""
     collector = Collector()
     app = FastAPI()
-    app.include_router(build_router(_settings(tmp_path), collector))
+    app.include_router(build_router(_settings(tmp_path), collector, collector))
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=srv.run, daemon=True)

@@ -267,8 +267,8 @@ def test_import_export_files(settings: Settings, tmp_path: Path) -> None:
 
 def test_options_errors() -> None:
     src = SourceConfig(kind="zendesk", options={"features": {}})
-    with pytest.raises(DataError, match="give base_url or subdomain"):
-        ZendeskOptions.from_source("zd", src)
+    with pytest.raises(DataError, match="give options.base_url or options.subdomain"):
+        _ = ZendeskOptions.from_source("zd", src).url
     src = SourceConfig(kind="zendesk", options={"subdomain": "x", "user_id_from": "email"})
     with pytest.raises(DataError, match="unknown id source 'email'"):
         ZendeskOptions.from_source("zd", src)

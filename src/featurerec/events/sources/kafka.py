@@ -132,12 +132,16 @@ class KafkaIngest:
         settings: Settings,
         write: Writer,
         *,
+        write_traits: Writer | None = None,
         on_progress: Callable[[KafkaProgress], None] | None = None,
     ) -> None:
+        from featurerec.events.sources.traits import TraitsLanding
+
         self.name = name
         self.options = options
         self.settings = settings
         self.write = write
+        self.write_traits = write_traits or TraitsLanding.for_settings(settings).write
         self.on_progress = on_progress
         self.progress = KafkaProgress()
         self._stop = threading.Event()
@@ -262,7 +266,7 @@ class KafkaIngest:
         if batch is not None:
             self.write(batch)
         if traits is not None:
-            self.write(traits)
+            self.write_traits(traits)
         # Durable: now the offsets may move.
         offsets: dict[tuple[str, int], int] = {}
         for m in msgs:

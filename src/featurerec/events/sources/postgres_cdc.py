@@ -302,7 +302,7 @@ class PostgresCDC:
                 if changes.upserts.num_rows:
                     self.writer.upsert_rows(conv.mapping.target, changes.upserts)
                 report.count("upserts", conv.mapping.target, changes.upserts.num_rows)
-        report.quarantined += write_quarantine(self.engine, bad)
+        report.quarantined += write_quarantine(self.engine, bad, self.writer)
 
     # -- streaming ------------------------------------------------------------------------
     def _stream_batch(
@@ -345,7 +345,7 @@ class PostgresCDC:
         if last_end is None:  # peek ended without a commit: nothing whole to apply
             return False
         self._apply(nets, report)
-        report.quarantined += write_quarantine(self.engine, bad)
+        report.quarantined += write_quarantine(self.engine, bad, self.writer)
         if last_end > applied:
             state.position["lsn"] = int_to_lsn(last_end)
             state.save(self.settings)

@@ -160,7 +160,7 @@ class PostgresCursor:
             report.upserts[mapping.target] = (
                 report.upserts.get(mapping.target, 0) + changes.upserts.num_rows
             )
-            report.quarantined += write_quarantine(self.engine, bad)
+            report.quarantined += write_quarantine(self.engine, bad, self.writer)
             last = dict(zip(names, page[-1], strict=True))
             state.position[pos_key] = [last[c] for c in order]
             state.save(self.settings)

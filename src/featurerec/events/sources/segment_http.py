@@ -20,8 +20,11 @@ already uses a Segment library only changes its host.
   that fails the answer is 503, and the Segment client retries the batch.
 
 ``on_batch`` receives a :class:`featurerec.events.validate.ValidatedBatch` (events plus
-quarantine) and, when the request carried ``identify`` calls, a :class:`TraitsUpdate`; it
-defaults to :func:`landing_writer` (``Landing(settings.data_path / "landing").write``).
+quarantine); it defaults to :func:`landing_writer` (``Landing(settings.data_path /
+"landing").write``). ``on_traits`` receives the :class:`TraitsUpdate` of the request's
+``identify`` calls; it defaults to
+:meth:`featurerec.events.sources.traits.TraitsLanding.write`, drained into the ``users``
+table by ``featurerec sources sync``.
 """
 
 from __future__ import annotations
@@ -109,10 +112,15 @@ def landing_writer(settings: Settings) -> OnBatch:
     return landing.write
 
 
-def build_router(settings: Settings, on_batch: OnBatch | None = None) -> APIRouter:
+def build_router(
+    settings: Settings, on_batch: OnBatch | None = None, on_traits: OnBatch | None = None
+) -> APIRouter:
     """The Segment-compatible intake routes (mount on the featurerec server)."""
+    from featurerec.events.sources.traits import TraitsLanding
+
     config = IntakeConfig.from_settings(settings)
     writer: list[OnBatch | None] = [on_batch]
+    traits_writer: OnBatch = on_traits or TraitsLanding.for_settings(settings).write
     router = APIRouter(tags=["segment"])
 
     def sink() -> OnBatch:
@@ -153,6 +161,7 @@ def build_router(settings: Settings, on_batch: OnBatch | None = None) -> APIRout
                 source=source,
                 received_at=received_at,
                 on_batch=sink(),
+                on_traits=traits_writer,
                 batch_sent_at=batch_sent_at,
                 batch_context=batch_context,
                 default_type=kind,
@@ -203,6 +212,7 @@ def accept_messages(
     received_at: Any,
     on_batch: OnBatch,
     location: str,
+    on_traits: OnBatch | None = None,
     batch_sent_at: Any = None,
     batch_context: dict[str, Any] | None = None,
     default_type: str | None = None,
@@ -241,7 +251,7 @@ def accept_messages(
     if batch.received:
         on_batch(batch)
     if traits is not None:
-        on_batch(traits)
+        (on_traits or on_batch)(traits)
     return {
         "accepted": batch.accepted,
         "quarantined": batch.quarantined,

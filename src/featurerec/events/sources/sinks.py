@@ -52,14 +52,21 @@ def quarantine_table(records: Sequence[QuarantinedRecord]) -> pa.Table:
     return pa.Table.from_pylist([r.as_row(at) for r in records], schema=QUARANTINE_SCHEMA)
 
 
-def write_quarantine(engine: Any, records: Sequence[QuarantinedRecord]) -> int:
+def write_quarantine(
+    engine: Any, records: Sequence[QuarantinedRecord], writer: Any | None = None
+) -> int:
     """Append row-level quarantine records (CDC, cursor, Zendesk) to ``ingest_quarantine``.
 
     Event quarantine goes with the event batch through ``Ingestor.append``; this is for
-    records that never become events. Uses the ingestor's own method when it has one.
+    records that never become events. Goes through ``writer.write_quarantine`` (the
+    ingestor's) when the writer has it, else inserts through ``engine``.
     """
     if not records:
         return 0
+    if writer is not None and hasattr(writer, "write_quarantine"):
+        from featurerec.events.validate import QuarantineRecord
+
+        return int(writer.write_quarantine([QuarantineRecord(**r.__dict__) for r in records]))
     table = quarantine_table(records)
     name = "_featurerec_sources_quarantine"
     engine.register_arrow(name, table)

@@ -92,8 +92,6 @@ class ZendeskOptions(BaseModel):
 
     @model_validator(mode="after")
     def _where(self) -> ZendeskOptions:
-        if not self.base_url and not self.subdomain:
-            raise ValueError("give base_url or subdomain")
         for what in (self.user_id_from, self.workspace_from):
             if (
                 what
@@ -105,6 +103,9 @@ class ZendeskOptions(BaseModel):
 
     @property
     def url(self) -> str:
+        """The API root; file imports need none, API syncs need base_url or subdomain."""
+        if not self.base_url and not self.subdomain:
+            raise DataError("zendesk: give options.base_url or options.subdomain for API syncs")
         return (self.base_url or f"https://{self.subdomain}.zendesk.com").rstrip("/")
 
     @classmethod
@@ -368,7 +369,7 @@ class ZendeskTickets:
             except OSError as exc:
                 raise DataError(f"{p}: cannot read: {exc}") from None
             tickets, users, bad = _parse_export(text, self.name, str(p))
-            report.quarantined += write_quarantine(self.engine, bad)
+            report.quarantined += write_quarantine(self.engine, bad, self.writer)
             self._apply(tickets, users, str(p), report)
             report.pages += 1
         state = SourceState.load(self.settings, self.name, "zendesk")
@@ -394,7 +395,7 @@ class ZendeskTickets:
         report.upserts += changes.upserts.num_rows
         report.deletes += changes.deletes.num_rows
         report.feature_tickets += featured
-        report.quarantined += write_quarantine(self.engine, bad)
+        report.quarantined += write_quarantine(self.engine, bad, self.writer)
 
 
 def _parse_export(
