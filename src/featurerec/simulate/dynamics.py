@@ -178,10 +178,13 @@ class ChunkSim:
 
         # activity
         e = self.engagement
-        self.p_active = np.minimum(params.active_base * e, params.active_max)
         act = params.activity_scale
-        self.sess_extra = params.sessions_extra_mean * np.sqrt(e) * act**0.5
-        self.sess_len = params.session_features_mean * e**params.session_len_elasticity * act**0.5
+        # activity_scale spreads over how often, how many sessions and how long (cube roots)
+        self.p_active = np.minimum(params.active_base * e * act ** (1 / 3), params.active_max)
+        self.sess_extra = params.sessions_extra_mean * np.sqrt(e) * act ** (1 / 3)
+        self.sess_len = (
+            params.session_features_mean * e**params.session_len_elasticity * act ** (1 / 3)
+        )
 
         # workspaces
         nw = self.w1 - self.w0
@@ -487,7 +490,7 @@ class ChunkSim:
             tt = sess_start[sidx] + (_segment_arange(cnt) + 1) * int(every * S_US)
             parts.append(self._simple(sess_user[sidx], ti[name], tt, sidx, traits=False))
         # long tail of product events
-        tail_n = rng.poisson(p.tail_events_per_session * p.activity_scale**0.5, n_sessions)
+        tail_n = rng.poisson(p.tail_events_per_session * p.activity_scale ** (1 / 3), n_sessions)
         sidx = np.repeat(np.arange(n_sessions), tail_n)
         tcode = rng.choice(self.codes.tail_codes, size=len(sidx), p=self.codes.tail_probs)
         tt = sess_start[sidx] + (rng.random(len(sidx)) * sess_dur[sidx]).astype(np.int64)
@@ -503,27 +506,28 @@ class ChunkSim:
         # --- churn at the end of the day ---------------------------------------------------
         parts.append(self._churn(day, rng))
 
+        # one concatenation per column; rows are grouped by kind, not sorted by time
+        # (order inside a session is given by timestamp and session_sequence)
         ev = {key: np.concatenate([pt[key] for pt in parts]) for key in parts[0]}
         ev["ts"] = np.clip(ev["ts"], 0, DAY_US - 1) + day_us
-        o = np.argsort(ev["ts"], kind="stable")
         adoptions = np.stack(
             [ad_user.astype(np.int64), ad_item.astype(np.int64), np.full(len(ad_user), day)],
             axis=1,
         )
         return DayEvents(
             day=day,
-            user=ev["user"][o].astype(np.int32),
-            etype=ev["etype"][o].astype(np.int16),
-            ts=ev["ts"][o],
-            item=ev["item"][o].astype(np.int32),
-            action=ev["action"][o].astype(np.int32),
-            context=ev["context"][o].astype(np.int32),
-            session=ev["session"][o].astype(np.int32),
-            seq=ev["seq"][o].astype(np.int32),
-            top=ev["top"][o],
-            first=ev["first"][o].astype(np.int8),
-            prop=ev["prop"][o].astype(np.int32),
-            traits=ev["traits"][o],
+            user=ev["user"].astype(np.int32, copy=False),
+            etype=ev["etype"].astype(np.int16, copy=False),
+            ts=ev["ts"],
+            item=ev["item"].astype(np.int32, copy=False),
+            action=ev["action"].astype(np.int32, copy=False),
+            context=ev["context"].astype(np.int32, copy=False),
+            session=ev["session"].astype(np.int32, copy=False),
+            seq=ev["seq"].astype(np.int32, copy=False),
+            top=ev["top"],
+            first=ev["first"].astype(np.int8, copy=False),
+            prop=ev["prop"].astype(np.int32, copy=False),
+            traits=ev["traits"],
             n_sessions=n_sessions,
             adoptions=adoptions,
         )

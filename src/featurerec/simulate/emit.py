@@ -25,6 +25,16 @@ from featurerec.simulate.dynamics import DayEvents, EventCodes
 from featurerec.simulate.ids import counters, hex_ids, mix64, seed_salt, take_strings, user_ids
 from featurerec.simulate.population import Population, signup_cohort
 
+#: EVENT_ARROW_SCHEMA with dictionary-encoded string columns (except event_id).
+DICT_SCHEMA = pa.schema(
+    [
+        pa.field(f.name, pa.dictionary(pa.int32(), pa.string()), nullable=f.nullable)
+        if f.type == pa.string() and f.name != "event_id"
+        else f
+        for f in EVENT_ARROW_SCHEMA
+    ]
+)
+
 #: property strings by code (see dynamics: 0 landing page, 1..12 area pages, 13 signup, 14 churn)
 PROPERTY_STRINGS: tuple[str, ...] = (
     '{"path":"/home"}',
@@ -119,8 +129,13 @@ class Emitter:
         users: pa.Array,
         workspaces: pa.Array,
         traits: pa.Array,
+        *,
+        dictionary: bool = False,
     ) -> pa.Table:
-        """``users`` / ``workspaces`` / ``traits``: per local user of the chunk."""
+        """The events as ``EVENT_ARROW_SCHEMA`` (``dictionary=True``: string columns stay
+        dictionary-encoded, for the Parquet writer; read back they are plain strings).
+
+        ``users`` / ``workspaces`` / ``traits``: per local user of the chunk."""
         n = len(ev)
         eid = hex_ids("evt_", mix64(counters(chunk, ev.day, n) ^ self.evt_salt))
         sid_all = hex_ids("sess_", mix64(counters(chunk, ev.day, ev.n_sessions) ^ self.sess_salt))
@@ -133,9 +148,9 @@ class Emitter:
         uidx = ev.user.astype(np.int32)
         cols = [
             eid,
-            users.take(pa.array(uidx)),
-            workspaces.take(pa.array(uidx)),
-            self.types.take(pa.array(ev.etype.astype(np.int32))),
+            take_strings(users, uidx),
+            take_strings(workspaces, uidx),
+            take_strings(self.types, ev.etype),
             ts,
             take_strings(self.items, item),
             take_strings(self.actions, act_idx),
@@ -147,7 +162,8 @@ class Emitter:
             take_strings(self.props, ev.prop),
             take_strings(traits, np.where(ev.traits, uidx, -1)),
         ]
-        return pa.Table.from_arrays(cols, schema=EVENT_ARROW_SCHEMA)
+        table = pa.Table.from_arrays(cols, schema=DICT_SCHEMA)
+        return table if dictionary else table.cast(EVENT_ARROW_SCHEMA)
 
 
 def chunk_strings(pop: Population, u0: int, u1: int) -> tuple[pa.Array, pa.Array]:

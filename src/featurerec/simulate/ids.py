@@ -13,7 +13,6 @@ import pyarrow as pa
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-_SHIFTS = np.arange(60, -1, -4, dtype=np.uint64)
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
@@ -47,8 +46,10 @@ def hex_ids(prefix: str, values: np.ndarray) -> pa.StringArray:
     width = len(p) + 16
     buf = np.empty((n, width), dtype=np.uint8)
     buf[:, : len(p)] = np.frombuffer(p, dtype=np.uint8)
-    digits = ((v[:, None] >> _SHIFTS[None, :]) & np.uint64(15)).astype(np.intp)
-    buf[:, len(p) :] = _HEX[digits]
+    # big-endian bytes -> two hex digits each, all on uint8
+    b = v.astype(">u8").view(np.uint8).reshape(n, 8)
+    buf[:, len(p) :: 2] = _HEX[b >> 4]
+    buf[:, len(p) + 1 :: 2] = _HEX[b & 15]
     offsets = np.arange(0, (n + 1) * width, width, dtype=np.int32)
     return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(buf.tobytes()))
 
@@ -75,12 +76,15 @@ def workspace_ids(index: np.ndarray) -> pa.StringArray:
     return padded_ids("ws_", index, 6)
 
 
-def take_strings(values: pa.Array, index: np.ndarray) -> pa.Array:
-    """``values[index]`` with index < 0 giving null."""
+def take_strings(values: pa.Array, index: np.ndarray) -> pa.DictionaryArray:
+    """``values[index]`` (index < 0 gives null) as a dictionary array: no string copies.
+
+    Parquet stores it dictionary-encoded; read back it is a plain string column.
+    """
     idx = np.asarray(index)
     mask = idx < 0
     if mask.any():
         arr = pa.array(np.where(mask, 0, idx).astype(np.int32), mask=mask)
     else:
         arr = pa.array(idx.astype(np.int32))
-    return values.take(arr)
+    return pa.DictionaryArray.from_arrays(arr, values)

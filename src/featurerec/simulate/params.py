@@ -74,18 +74,18 @@ BASE_UTILITY = _vec(
 #: fitted: daily probability scale that an active user stumbles on a feature by themselves.
 DISCOVER = _vec(
     {
-        "kanban_boards": 0.104726,
-        "task_management": 0.071416,
-        "file_sharing": 0.038747,
-        "automations": 0.001451,
-        "gantt_charts": 0.00186,
-        "custom_dashboards": 0.001696,
-        "api_access": 0.003821,
-        "forms": 0.00075,
-        "advanced_reports": 0.002852,
-        "timelines": 0.001804,
-        "integrations": 0.004,
-        "team_management": 0.003,
+        "kanban_boards": 0.0996,
+        "task_management": 0.0728,
+        "file_sharing": 0.0357,
+        "automations": 0.00148,
+        "gantt_charts": 0.00197,
+        "custom_dashboards": 0.00196,
+        "api_access": 0.00578,
+        "forms": 0.00067,
+        "advanced_reports": 0.00298,
+        "timelines": 0.00149,
+        "integrations": 0.003,
+        "team_management": 0.002,
     }
 )
 
@@ -111,11 +111,11 @@ DISCOVERY_BOOST: tuple[tuple[str, str, float], ...] = (
 TRANSITION_DEFAULT = 1.0
 TRANSITION_STAY = 2.0
 TRANSITION: tuple[tuple[str, str, float], ...] = (
-    ("kanban_boards", "automations", 11.99),
-    ("task_management", "gantt_charts", 8.37),
-    ("kanban_boards", "custom_dashboards", 31.3),
-    ("file_sharing", "forms", 5.01),
-    ("automations", "advanced_reports", 25.0),
+    ("kanban_boards", "automations", 11.95),
+    ("task_management", "gantt_charts", 9.5),
+    ("kanban_boards", "custom_dashboards", 32.1),
+    ("file_sharing", "forms", 8.0),
+    ("automations", "advanced_reports", 34.5),
     ("kanban_boards", "task_management", 1.5),
     ("task_management", "kanban_boards", 1.5),
     ("gantt_charts", "timelines", 3.0),
@@ -160,7 +160,7 @@ class WorldParams:
 
     # engagement (fitted spread): p(active on a day) = clip(active_base * e, .., active_max)
     engagement_sigma: float = 1.6
-    active_base: float = 0.0404
+    active_base: float = 0.054
     active_max: float = 0.92
     weekend_factor: float = 0.35
     new_user_activity_boost: float = 2.0

@@ -140,6 +140,40 @@ def load_config(d: dict[str, Any]) -> WorldConfig:
     )
 
 
+#: Parquet writer settings: dictionaries and statistics only where they pay off.
+PARQUET_OPTIONS: dict[str, Any] = {
+    "compression": "snappy",
+    "use_dictionary": [
+        "user_id",
+        "workspace_id",
+        "event_type",
+        "feature_category",
+        "feature_name",
+        "context",
+        "properties",
+        "user_traits",
+    ],
+    "write_statistics": ["timestamp", "event_type", "user_id", "feature_category"],
+    "dictionary_pagesize_limit": 16 << 20,
+    # no Arrow schema in the file: columns read back as plain strings (EVENT_ARROW_SCHEMA)
+    "store_schema": False,
+}
+
+
+@dataclass
+class ChunkResult:
+    part: str
+    events: int
+    feature_used: int
+    churn_ts: np.ndarray
+    tickets: dict[str, np.ndarray]
+
+
+def _chunk_worker(config: WorldConfig, chunk: int, out: str, fmt: EventFormat) -> ChunkResult:
+    """Process-pool entry: rebuild the (deterministic) world and simulate one chunk."""
+    return World(config)._simulate_chunk(chunk, Path(out), fmt)
+
+
 class World:
     """A generated (not yet simulated) world: population, catalog and chunk layout.
 
@@ -179,10 +213,12 @@ class World:
         out: Path,
         fmt: EventFormat = "parquet",
         on_progress: Callable[[int, int], None] | None = None,
+        workers: int = 1,
     ) -> WorldManifest:
         """Simulate every chunk day by day and write the world directory.
 
-        ``on_progress(done_chunk_days, total_chunk_days)`` is called after each chunk-day.
+        ``on_progress(done_chunk_days, total_chunk_days)`` is called as chunk-days finish.
+        ``workers > 1`` simulates chunks in parallel processes; the world is the same.
         """
         if fmt not in ("parquet", "ndjson"):
             raise SimulationConfigError(f"format must be parquet or ndjson (got {fmt!r})")
@@ -198,48 +234,43 @@ class World:
         cfg = self.config
         pop = self.population
         t0 = time.perf_counter()
-        n_events = 0
-        n_feature = 0
-        fu_code = self.codes.type_index["feature_used"]
         parts: list[str] = []
         churn_ts = np.full(pop.n_workspaces, -1, dtype=np.int64)
         tickets: list[dict[str, np.ndarray]] = []
         total = len(self.chunks) * cfg.days
-        done = 0
-        for c, (u0, u1, w0, w1) in enumerate(self.chunks):
-            sim = self.chunk_sim(c)
-            users, wss = chunk_strings(pop, u0, u1)
-            traits = self.emitter.user_traits(u0, u1)
-            writer: pq.ParquetWriter | None = None
-            name = f"events/part-{c:05d}.{'parquet' if fmt == 'parquet' else 'ndjson'}"
-            path = out / name
-            try:
-                for day in range(cfg.days):
-                    ev = sim.step_day(day)
-                    table = self.emitter.table(ev, c, users, wss, traits)
-                    n_events += len(ev)
-                    n_feature += int((ev.etype == fu_code).sum())
-                    if fmt == "parquet":
-                        if writer is None:
-                            writer = pq.ParquetWriter(path, table.schema, compression="snappy")
-                        writer.write_table(table)
-                    else:
-                        _append_ndjson(table, path)
-                    done += 1
+        n_events = n_feature = 0
+        results: list[ChunkResult] = []
+        if workers <= 1 or len(self.chunks) == 1:
+            done = 0
+
+            def tick() -> None:
+                nonlocal done
+                done += 1
+                if on_progress is not None:
+                    on_progress(done, total)
+
+            results = [self._simulate_chunk(c, out, fmt, tick) for c in range(len(self.chunks))]
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            ctx = mp.get_context("fork")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                futures = [
+                    pool.submit(_chunk_worker, cfg, c, str(out), fmt)
+                    for c in range(len(self.chunks))
+                ]
+                for i, f in enumerate(futures):
+                    results.append(f.result())
                     if on_progress is not None:
-                        on_progress(done, total)
-            finally:
-                if writer is not None:
-                    writer.close()
-            parts.append(name)
-            np.save(out / "ground_truth" / f"utility-{c:05d}.npy", sim.utility)
-            np.save(out / "ground_truth" / f"eligible-{c:05d}.npy", sim.eligible)
-            sim.save_state(out / "ground_truth" / f"state-{c:05d}.npz")
-            churn_ts[w0:w1] = sim.ws_churn_ts
-            tk = sim.tickets(cfg.days, cfg.seed)
-            tk["user"] = tk["user"] + u0
-            tickets.append(tk)
-            del sim
+                        on_progress((i + 1) * cfg.days, total)
+        for c, r in enumerate(results):
+            _, _, w0, w1 = self.chunks[c]
+            n_events += r.events
+            n_feature += r.feature_used
+            parts.append(r.part)
+            churn_ts[w0:w1] = r.churn_ts
+            tickets.append(r.tickets)
         seconds = time.perf_counter() - t0
 
         tables = {
@@ -274,6 +305,45 @@ class World:
         )
         (out / "manifest.json").write_text(manifest.to_json())
         return manifest
+
+    def _simulate_chunk(
+        self, c: int, out: Path, fmt: EventFormat, tick: Callable[[], None] | None = None
+    ) -> ChunkResult:
+        """Simulate one chunk over every day, writing its event part and ground truth."""
+        cfg = self.config
+        pop = self.population
+        u0, u1, _, _ = self.chunks[c]
+        fu_code = self.codes.type_index["feature_used"]
+        sim = self.chunk_sim(c)
+        users, wss = chunk_strings(pop, u0, u1)
+        traits = self.emitter.user_traits(u0, u1)
+        writer: pq.ParquetWriter | None = None
+        name = f"events/part-{c:05d}.{'parquet' if fmt == 'parquet' else 'ndjson'}"
+        path = out / name
+        n_events = n_feature = 0
+        try:
+            for day in range(cfg.days):
+                ev = sim.step_day(day)
+                table = self.emitter.table(ev, c, users, wss, traits, dictionary=fmt == "parquet")
+                n_events += len(ev)
+                n_feature += int((ev.etype == fu_code).sum())
+                if fmt == "parquet":
+                    if writer is None:
+                        writer = pq.ParquetWriter(path, table.schema, **PARQUET_OPTIONS)
+                    writer.write_table(table)
+                else:
+                    _append_ndjson(table, path)
+                if tick is not None:
+                    tick()
+        finally:
+            if writer is not None:
+                writer.close()
+        np.save(out / "ground_truth" / f"utility-{c:05d}.npy", sim.utility)
+        np.save(out / "ground_truth" / f"eligible-{c:05d}.npy", sim.eligible)
+        sim.save_state(out / "ground_truth" / f"state-{c:05d}.npz")
+        tk = sim.tickets(cfg.days, cfg.seed)
+        tk["user"] = tk["user"] + u0
+        return ChunkResult(name, n_events, n_feature, sim.ws_churn_ts.copy(), tk)
 
     # -- product tables ------------------------------------------------------------------
     def _asof(self) -> datetime:
