@@ -588,3 +588,10 @@ def test_single_feature_world_is_stopped_by_the_gate(tmp_path, fakes):
     assert gate.status == "failed" and "feature_coverage 1 < min 8" in gate.error
     assert record.stages["compute_transition_probs"].rows == 0  # no distinct consecutive pairs
     assert fakes.calls == [] and Registry(tmp_path / "r").all_versions() == []
+
+
+def test_sql_stages_never_overlap(env, fakes):
+    record = runner_for(env, spec_dict()).run()
+    sql = [s for s in record.stages.values() if s.type in ("sql_transform", "data_quality")]
+    spans = sorted((s.started_at, s.finished_at) for s in sql)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))

@@ -3,9 +3,9 @@
 How a run goes:
 
 * Stages start when all their dependencies passed, up to ``max_parallel`` at a time, each in
-  its own thread. SQL stages share the engine's one DuckDB connection (the engine serialises
-  statements with a lock), so in practice SQL runs one statement at a time while training
-  stages (numpy / BLAS) overlap with it.
+  its own thread. SQL stages share the engine's one DuckDB connection, so at most one SQL
+  stage runs at a time (DuckDB already parallelises one query over the cores); training and
+  custom stages (numpy / BLAS) overlap with it and with each other.
 * A stage that raises is retried (``retries``, ``retry_delay_seconds``) unless the error is
   deterministic: a :class:`SpecError` (e.g. missing stage function), a :class:`DataError`
   (e.g. empty window) or a failed quality gate. A stage over ``timeout_minutes`` is marked
@@ -82,6 +82,9 @@ class QualityGateFailed(FeaturerecError):
 class StageTimeout(FeaturerecError):
     """A stage ran past its ``timeout_minutes``."""
 
+
+#: Stage types that run SQL on the shared connection (started one at a time).
+SQL_STAGE_TYPES: tuple[str, ...] = ("sql_transform", "data_quality")
 
 #: Errors that a retry cannot fix.
 NOT_RETRIED: tuple[type[BaseException], ...] = (SpecError, DataError, QualityGateFailed)
@@ -259,6 +262,12 @@ class PipelineRunner:
                 if any(stages[d].status != "passed" for d in spec.deps(name)):
                     continue
                 if not_before.get(name, 0.0) > now:
+                    continue
+                # SQL stages share the one connection: start them one at a time, so their
+                # recorded durations are their own and not time spent waiting for the lock
+                if spec.stage(name).type in SQL_STAGE_TYPES and any(
+                    spec.stage(r).type in SQL_STAGE_TYPES for r in running
+                ):
                     continue
                 self._launch(record, name, running, done_q)
             waiting = [n for n in order if stages[n].status == "pending" and n in not_before]
