@@ -7,6 +7,7 @@ so these tests pin the runner's behaviour, not the models'.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import threading
 import time
@@ -594,4 +595,4 @@ def test_sql_stages_never_overlap(env, fakes):
     record = runner_for(env, spec_dict()).run()
     sql = [s for s in record.stages.values() if s.type in ("sql_transform", "data_quality")]
     spans = sorted((s.started_at, s.finished_at) for s in sql)
-    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
