@@ -1,0 +1,277 @@
+"""Serving benchmark: a real load generator (wrk) on loopback against one server worker.
+
+    .venv/bin/python benchmarks/bench_serving.py [--data-dir DIR] [--users 72000]
+
+Without ``--data-dir`` it builds a fixture world of ``--users`` users (serving's own seeded
+fixture generator, not the simulator), exports the online-state snapshot, trains and promotes
+a bundle, then starts ``featurerec serve --workers 1`` (recommendation log on, fsync per
+group commit) and measures with wrk (``apt-get install -y wrk``):
+
+* 200 QPS and 1,000 QPS paced runs (wrk's ``delay()`` per connection): p50 / p99 / achieved
+  QPS, for ``GET /api/v1/recommendations`` and for the no-op endpoint ``/noop`` on the same
+  server in the same run;
+* unpaced runs with growing connection counts: the highest throughput whose p99 ≤ 100 ms,
+  for both endpoints (their ratio shows the cost of our path);
+* the serving process's RSS after the runs.
+
+Writes ``benchmarks/results/serving.json`` with machine facts and the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "serving.json"
+
+LUA = """
+local ids = {%(ids)s}
+local delay_ms = %(delay)s
+local prefix = "%(prefix)s"
+local counter = 0
+request = function()
+  counter = counter + 1
+  local u = ids[math.random(1, #ids)]
+  return wrk.format("GET", prefix .. u)
+end
+delay = function()
+  return delay_ms
+end
+"""
+
+
+def build_fixture_world(data: Path, n_users: int) -> None:
+    from featurerec.config import Settings
+    from featurerec.models.als import ALSParams
+    from featurerec.models.fit import TrainConfig, train_bundle
+    from featurerec.registry import registry_for
+    from featurerec.serving.snapshot import build_snapshot
+    from featurerec.serving.testing import (
+        FIXTURE_AS_OF,
+        fill_fixture_warehouse,
+        publish_bundle,
+        training_data_from_snapshot,
+    )
+    from featurerec.warehouse.engine import DuckDBEngine
+
+    settings = Settings.model_validate({"data_dir": str(data)})
+    t0 = time.time()
+    with DuckDBEngine(":memory:") as engine:
+        fill_fixture_warehouse(engine, n_users=n_users, seed=11)
+        snap = build_snapshot(engine, settings, FIXTURE_AS_OF)
+    snap.save(data / "tmp_snapshot")
+    reg = registry_for(settings)
+    reg.register("feature-recommender-online", data / "tmp_snapshot", kind="state")
+    shutil.rmtree(data / "tmp_snapshot")
+    print(f"world: {snap.n_users} users in {time.time() - t0:.1f}s", flush=True)
+    t0 = time.time()
+    params = ALSParams(factors=64, iterations=15)
+    bundle, _ = train_bundle(
+        training_data_from_snapshot(snap),
+        TrainConfig(als_params=params, als_grid=(params,), seed=0, transition_weight=0.3),
+    )
+    publish_bundle(reg, bundle, data / "tmp_bundle")
+    shutil.rmtree(data / "tmp_bundle")
+    print(f"bundle trained and promoted in {time.time() - t0:.1f}s", flush=True)
+
+
+def user_ids(data: Path, n: int = 5000) -> list[str]:
+    from featurerec.config import Settings
+    from featurerec.registry import registry_for
+    from featurerec.serving.snapshot import OnlineSnapshot
+
+    settings = Settings.model_validate({"data_dir": str(data)})
+    mv = registry_for(settings).resolve("state:/feature-recommender-online/latest")
+    ids = OnlineSnapshot.load(mv.path).user_ids
+    rng = np.random.default_rng(0)
+    return [str(x) for x in rng.choice(ids, size=min(n, len(ids)), replace=False)]
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        return float("nan")
+    v, unit = float(m.group(1)), m.group(2)
+    return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+
+
+def wrk(url: str, script: Path, connections: int, seconds: int) -> dict[str, float]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    res: dict[str, float] = {"connections": connections}
+    for pct in ("50", "90", "99"):
+        m = re.search(rf"^\s+{pct}(?:\.000)?%\s+(\S+)", out, re.M)
+        res[f"p{pct}_ms"] = _ms(m.group(1)) if m else float("nan")
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    res["qps"] = float(m.group(1)) if m else 0.0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    res["errors"] = float(m.group(1)) if m else 0.0
+    return res
+
+
+def script(tmp: Path, name: str, prefix: str, ids: list[str], delay_ms: float) -> Path:
+    p = tmp / f"{name}.lua"
+    p.write_text(
+        LUA % {"ids": ",".join(json.dumps(i) for i in ids), "delay": delay_ms, "prefix": prefix}
+    )
+    return p
+
+
+def paced(url: str, tmp: Path, ids: list[str], qps: int, seconds: int) -> dict[str, dict]:
+    conns = max(4, qps // 50)
+    delay = conns * 1000.0 / qps
+    out = {}
+    for name, prefix in (("recommendations", "/api/v1/recommendations?user_id="),
+                         ("noop", "/noop?u=")):  # fmt: skip
+        r = wrk(url, script(tmp, f"{name}_{qps}", prefix, ids, delay), conns, seconds)
+        r["target_qps"] = qps
+        out[name] = r
+        print(f"  {qps} QPS {name}: {r}", flush=True)
+    return out
+
+
+def max_qps(url: str, tmp: Path, ids: list[str], seconds: int) -> dict[str, dict]:
+    out = {}
+    for name, prefix in (("recommendations", "/api/v1/recommendations?user_id="),
+                         ("noop", "/noop?u=")):  # fmt: skip
+        runs = []
+        for c in (1, 2, 4, 8, 16, 32, 64):
+            r = wrk(url, script(tmp, f"{name}_max", prefix, ids, 0), c, seconds)
+            runs.append(r)
+            print(f"  unpaced {name} c={c}: {r}", flush=True)
+            if r["p99_ms"] > 100:
+                break
+        ok = [r for r in runs if r["p99_ms"] <= 100 and r["errors"] == 0]
+        best = max(ok, key=lambda r: r["qps"]) if ok else None
+        out[name] = {"best": best, "runs": runs}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", type=Path, help="serve an existing data dir (demo world)")
+    ap.add_argument("--users", type=int, default=72_000)
+    ap.add_argument("--seconds", type=int, default=10)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if shutil.which("wrk") is None:
+        sys.exit("wrk not found: apt-get install -y wrk")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_serving_"))
+    data = args.data_dir
+    world = "given data dir"
+    if data is None:
+        data = tmp / "data"
+        build_fixture_world(data, args.users)
+        world = f"serving fixture world ({args.users} users, seeded; not the simulator)"
+    ids = user_ids(data)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    t0 = time.time()
+    server_log = open(tmp / "server.log", "w")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "featurerec.cli", "--data-dir", str(data), "serve",
+         "--port", str(port), "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=server_log,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            try:
+                ready = httpx.get(f"{url}/readyz", timeout=1)
+                if ready.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.time() - t0 > 600:
+                sys.exit(f"server did not start; see {tmp / 'server.log'}")
+            time.sleep(0.5)
+        startup_s = time.time() - t0
+        readyz = ready.json()
+        print(f"server ready in {startup_s:.1f}s: {readyz}", flush=True)
+        rss_start = psutil.Process(proc.pid).memory_info().rss
+        # warm-up
+        wrk(url, script(tmp, "warm", "/api/v1/recommendations?user_id=", ids, 5), 4, 3)
+        results = {
+            "qps_200": paced(url, tmp, ids, 200, args.seconds),
+            "qps_1000": paced(url, tmp, ids, 1000, args.seconds),
+            "max_qps_p99_le_100ms": max_qps(url, tmp, ids, max(5, args.seconds // 2)),
+        }
+        rss_end = psutil.Process(proc.pid).memory_info().rss
+        sample = httpx.get(f"{url}/api/v1/recommendations", params={"user_id": ids[0]}).json()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        server_log.close()
+    best_r = results["max_qps_p99_le_100ms"]["recommendations"]["best"]
+    best_n = results["max_qps_p99_le_100ms"]["noop"]["best"]
+    summary = {
+        "200qps_p50_ms": results["qps_200"]["recommendations"]["p50_ms"],
+        "200qps_p99_ms": results["qps_200"]["recommendations"]["p99_ms"],
+        "1000qps_p99_ms": results["qps_1000"]["recommendations"]["p99_ms"],
+        "1000qps_achieved": results["qps_1000"]["recommendations"]["qps"],
+        "max_qps_p99_le_100ms": best_r["qps"] if best_r else None,
+        "noop_max_qps_p99_le_100ms": best_n["qps"] if best_n else None,
+        "max_qps_ratio_recs_to_noop": (best_r["qps"] / best_n["qps"])
+        if best_r and best_n
+        else None,
+        "rss_mib": round(rss_end / 2**20, 1),
+        "users": readyz["users"],
+        "targets": {"200qps_p50_ms": 3, "200qps_p99_ms": 10, "1000qps_p99_ms": 20},
+    }
+    out = {
+        "benchmark": "serving",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "world": world,
+        "machine": {
+            "cores": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "loadavg": os.getloadavg(),
+        },
+        "setup": {
+            "load_generator": "wrk 1 thread, loopback; paced runs use delay() per connection",
+            "server": "featurerec serve --workers 1 (uvicorn, uvloop, httptools), rec log fsync",
+            "startup_s": round(startup_s, 1),
+            "rss_mib_after_start": round(rss_start / 2**20, 1),
+            "model_version": readyz.get("model_version"),
+            "fallback": readyz.get("fallback"),
+        },
+        "summary": summary,
+        "runs": results,
+        "sample_response": sample,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=2, default=str))
+    print(json.dumps(summary, indent=2))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
