@@ -21,6 +21,7 @@ import pytest
 
 from featurerec.config import Settings
 from featurerec.errors import DataError
+from featurerec.events.ingest import Ingestor
 from featurerec.events.sources.common import SourceState, SourceUnavailable
 from featurerec.events.sources.pgoutput import decode_message, lsn_to_int, parse_array
 from featurerec.events.sources.postgres_cdc import PostgresCDC
@@ -121,26 +122,21 @@ def product_db(pg_cluster: str) -> Iterator[str]:
         admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
-class FakeIngestor:
-    """Upserts / deletes into a DuckDB warehouse like events.ingest.Ingestor does; counts
-    calls so a test sees whether anything was applied."""
+class FakeIngestor(Ingestor):
+    """The real Ingestor, recording its upsert / delete calls so a test sees whether
+    anything was applied."""
 
-    def __init__(self, engine: DuckDBEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: DuckDBEngine, settings: Settings) -> None:
+        super().__init__(engine, settings)
         self.calls: list[tuple[str, str, int]] = []
 
-    def upsert_rows(self, table: str, rows: Any) -> None:
+    def upsert_rows(self, table: str, rows: Any) -> int:
         self.calls.append(("upsert", table, rows.num_rows))
-        self.engine.register_arrow("_up", rows)
-        self.engine.execute(f"INSERT OR REPLACE INTO {table} SELECT * FROM _up")
-        self.engine.unregister("_up")
+        return super().upsert_rows(table, rows)
 
-    def delete_rows(self, table: str, keys: Any) -> None:
+    def delete_rows(self, table: str, keys: Any) -> int:
         self.calls.append(("delete", table, keys.num_rows))
-        self.engine.register_arrow("_del", keys)
-        cols = ", ".join(keys.schema.names)
-        self.engine.execute(f"DELETE FROM {table} WHERE ({cols}) IN (SELECT ({cols}) FROM _del)")
-        self.engine.unregister("_del")
+        return super().delete_rows(table, keys)
 
 
 @pytest.fixture
@@ -151,7 +147,7 @@ def warehouse(settings: Settings) -> Iterator[DuckDBEngine]:
 
 def _cdc(settings: Settings, dsn: str, engine: DuckDBEngine, **opts: Any) -> PostgresCDC:
     options = PostgresOptions.model_validate({"dsn": dsn, **opts})
-    return PostgresCDC("product_pg", options, settings, FakeIngestor(engine), engine)
+    return PostgresCDC("product_pg", options, settings, FakeIngestor(engine, settings), engine)
 
 
 def _exec(dsn: str, *stmts: str) -> None:
@@ -297,7 +293,7 @@ def test_unreachable_database_is_source_unavailable(settings: Settings, tmp_path
     port = _free_port()
     options = PostgresOptions(dsn=f"host=127.0.0.1 port={port} user=x dbname=x password=secret")
     with DuckDBEngine(":memory:") as engine:
-        cdc = PostgresCDC("down", options, settings, FakeIngestor(engine), engine)
+        cdc = PostgresCDC("down", options, settings, FakeIngestor(engine, settings), engine)
         with pytest.raises(SourceUnavailable, match=r"PostgreSQL unreachable .*password=\*\*\*"):
             cdc.sync_once()
 
@@ -314,7 +310,9 @@ def test_cursor_mode_incremental_no_deletes(
     settings: Settings, product_db: str, warehouse: DuckDBEngine
 ) -> None:
     options = PostgresOptions.model_validate({"dsn": product_db, "batch_rows": 1})
-    cur = PostgresCursor("product_cursor", options, settings, FakeIngestor(warehouse), warehouse)
+    cur = PostgresCursor(
+        "product_cursor", options, settings, FakeIngestor(warehouse, settings), warehouse
+    )
     first = cur.sync_once()
     assert first.upserts == {"users": 2, "workspaces": 2, "feature_flags": 1, "ab_assignments": 1}
     _exec(
@@ -328,7 +326,9 @@ def test_cursor_mode_incremental_no_deletes(
     assert roles == {"u1": "pm", "u2": "vp"}  # the delete is invisible to cursor mode
     assert cur.sync_once().upserts == {}
     # the cursor is persisted: a new instance starts where the last stopped
-    again = PostgresCursor("product_cursor", options, settings, FakeIngestor(warehouse), warehouse)
+    again = PostgresCursor(
+        "product_cursor", options, settings, FakeIngestor(warehouse, settings), warehouse
+    )
     assert again.sync_once().upserts == {}
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from featurerec.config import Settings, SourceConfig
 from featurerec.errors import DataError
+from featurerec.events.ingest import Ingestor
 from featurerec.events.sources.common import SourceUnavailable
 from featurerec.events.sources.zendesk import ZendeskOptions, ZendeskTickets
 from featurerec.warehouse.engine import DuckDBEngine
@@ -122,21 +123,6 @@ def fake() -> Iterator[tuple[str, FakeZendesk]]:
     server.server_close()
 
 
-class Upserter:
-    def __init__(self, engine: DuckDBEngine) -> None:
-        self.engine = engine
-
-    def upsert_rows(self, table: str, rows: Any) -> None:
-        self.engine.register_arrow("_up", rows)
-        self.engine.execute(f"INSERT OR REPLACE INTO {table} SELECT * FROM _up")
-        self.engine.unregister("_up")
-
-    def delete_rows(self, table: str, keys: Any) -> None:
-        self.engine.register_arrow("_del", keys)
-        self.engine.execute(f"DELETE FROM {table} WHERE ticket_id IN (SELECT ticket_id FROM _del)")
-        self.engine.unregister("_del")
-
-
 def _source(settings: Settings, url: str, engine: DuckDBEngine, **opts: Any) -> ZendeskTickets:
     options = ZendeskOptions.model_validate(
         {
@@ -149,7 +135,7 @@ def _source(settings: Settings, url: str, engine: DuckDBEngine, **opts: Any) -> 
         }
     )
     return ZendeskTickets(
-        "zendesk", options, settings, Upserter(engine), engine, sleep=lambda s: None
+        "zendesk", options, settings, Ingestor(engine, settings), engine, sleep=lambda s: None
     )
 
 
@@ -267,7 +253,7 @@ def test_import_export_files(settings: Settings, tmp_path: Path) -> None:
 
 def test_options_errors() -> None:
     src = SourceConfig(kind="zendesk", options={"features": {}})
-    with pytest.raises(DataError, match="give options.base_url or options.subdomain"):
+    with pytest.raises(DataError, match=r"give options\.base_url or options\.subdomain"):
         _ = ZendeskOptions.from_source("zd", src).url
     src = SourceConfig(kind="zendesk", options={"subdomain": "x", "user_id_from": "email"})
     with pytest.raises(DataError, match="unknown id source 'email'"):
