@@ -3,10 +3,13 @@
 For a shown recommendation of feature ``j`` to user ``u`` in a placement at time ``t``, with
 relevance ``r = sigmoid(U[u, j] - relevance_offset)`` from the hidden utility:
 
-* **click**: ``click_scale[placement] * r ** 2 * timing``. Squared relevance: people click
+Users not present at ``t`` (not signed up yet, or their workspace churned) respond with
+nothing.
+
+* **click**: ``click_scale[placement] * r ** 3 * timing``. Steep in relevance: people click
   what they need, and a random feature rarely is. ``timing`` is 1 except
   ``onboarding_wizard`` after the user's first 14 days (0.4: the wizard is for new users) and
-  ``in_context_tooltip`` away from related work (0.5 unless the user already uses a feature
+  ``in_context_tooltip`` away from related work (0.75 unless the user already uses a feature
   that leads to ``j``: the spec's "tooltips near related features"). Features the user already
   uses get 0.3x (nothing new to see), features not on their plan or rollout 0.5x.
 * **dismiss** (only if not clicked): ``dismiss_scale[placement] * (0.6 + 0.8 * (1 - r))``:
@@ -50,12 +53,14 @@ def _by_placement(values: dict[str, float]) -> np.ndarray:
 class ResponseConfig:
     """Scales of the response model (see the module docstring)."""
 
-    relevance_offset: float = 1.0
+    relevance_offset: float = 1.5
+    #: click probability grows with relevance ** click_power
+    click_power: float = 3.0
     click_scale: dict[str, float] = field(
         default_factory=lambda: {
-            "onboarding_wizard": 0.42,
-            "sidebar_panel": 0.22,
-            "in_context_tooltip": 0.62,
+            "onboarding_wizard": 0.50,
+            "sidebar_panel": 0.25,
+            "in_context_tooltip": 0.75,
             "email_digest": 0.08,
         }
     )
@@ -84,6 +89,8 @@ class ResponseConfig:
         }
     )
     onboarding_days: float = 14.0
+    #: in_context_tooltip shown away from related work
+    tooltip_unrelated_factor: float = 0.75
     already_used_click_factor: float = 0.3
     unavailable_click_factor: float = 0.5
 
@@ -154,6 +161,10 @@ class ResponseModel:
         d = np.broadcast_to(np.asarray(t.days - 1 if day is None else day, dtype=np.float64), (n,))
         pl = self._placement_codes(placement, n)
         util = t.utility[u, j].astype(np.float64)
+        # nobody sees anything before signing up or after their workspace churned
+        present = t.signup_day[u] <= np.floor(d)
+        if t.churn_day is not None:
+            present &= t.churn_day[u] >= np.floor(d)
         r = 1.0 / (1.0 + np.exp(-(util - cfg.relevance_offset)))
         used = t.adopt_day[u, j] <= np.floor(d)
         avail = t.eligible[u, j]
@@ -170,15 +181,17 @@ class ResponseModel:
             areas = np.zeros((len(ut), self._related.shape[0]), dtype=bool)
             np.logical_or.at(areas.T, grp, adopted_rows.T)
             near = (areas & self._related[:, grp[j[tip]]].T).any(axis=1)
-            timing[tip] = np.where(near, 1.0, 0.5)
-        click = _by_placement(cfg.click_scale)[pl] * r**2 * timing
+            timing[tip] = np.where(near, 1.0, cfg.tooltip_unrelated_factor)
+        click = _by_placement(cfg.click_scale)[pl] * r**cfg.click_power * timing
         click *= np.where(used, cfg.already_used_click_factor, 1.0)
         click *= np.where(avail, 1.0, cfg.unavailable_click_factor)
-        click = np.clip(click, 0.0, 0.95)
-        dismiss = (1 - click) * np.clip(
-            _by_placement(cfg.dismiss_scale)[pl] * (0.6 + 0.8 * (1 - r)), 0.0, 1.0
+        click = np.where(present, np.clip(click, 0.0, 0.95), 0.0)
+        dismiss = (
+            present
+            * (1 - click)
+            * np.clip(_by_placement(cfg.dismiss_scale)[pl] * (0.6 + 0.8 * (1 - r)), 0.0, 1.0)
         )
-        can_adopt = ~used & avail
+        can_adopt = ~used & avail & present
         a_click = _by_placement(cfg.adopt_after_click)[pl] * (0.35 + 0.65 * r)
         a_view = _by_placement(cfg.adopt_without_click)[pl] * r
         adopt = np.where(can_adopt, click * a_click + (1 - click) * a_view, 0.0)
@@ -203,7 +216,7 @@ class ResponseModel:
         clicked = r1 < pr.click
         dismissed = ~clicked & (r1 < pr.click + pr.dismiss)
         cfg = self.config
-        used = pr.adopt_7d == 0
+        used = pr.adopt_7d == 0  # already used, unavailable or not present
         a_click = _by_placement(cfg.adopt_after_click)[pl] * (0.35 + 0.65 * pr.relevance)
         a_view = _by_placement(cfg.adopt_without_click)[pl] * pr.relevance
         adopted = ~used & (rng.random(n) < np.where(clicked, a_click, a_view))

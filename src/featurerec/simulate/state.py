@@ -186,6 +186,8 @@ class WorldState:
                 u0, u1 = sim.u0, sim.u1
                 self.truth.adopt_day[u0:u1] = sim.adopt_day
                 self.truth.kept[u0:u1] = sim.kept
+                if self.truth.churn_day is not None:
+                    self.truth.churn_day[u0:u1] = sim.ws_churn[sim.user_ws]
         self.day += days
         self.truth.days = self.day
         from featurerec.events.schema import EVENT_ARROW_SCHEMA

@@ -13,6 +13,7 @@ models, serving) never does; a test greps for it.
 * ``adopt_day`` (int32): day index (0 = first simulated day) of the user's first use; negative
   for first uses before the window; :data:`NOT_ADOPTED` if never.
 * ``kept`` (bool): the user kept using the feature after trying it.
+* ``churn_day``: the day the user's workspace churned (they are gone after it).
 
 Example (oracle top-3 among features not yet used)::
 
@@ -48,6 +49,8 @@ class GroundTruth:
     signup_day: np.ndarray
     start: date
     days: int
+    #: last day the user can be active: their workspace's churn day (NOT_ADOPTED if never)
+    churn_day: np.ndarray | None = None
 
     @classmethod
     def load(cls, world_dir: Path | str) -> GroundTruth:
@@ -59,13 +62,15 @@ class GroundTruth:
         n_chunks = len(meta["chunks"])
         utility = np.concatenate([np.load(gt / f"utility-{c:05d}.npy") for c in range(n_chunks)])
         eligible = np.concatenate([np.load(gt / f"eligible-{c:05d}.npy") for c in range(n_chunks)])
-        adopt, kept = [], []
+        adopt, kept, ws_churn = [], [], []
         for c in range(n_chunks):
             with np.load(gt / f"state-{c:05d}.npz") as z:
                 adopt.append(z["adopt_day"])
                 kept.append(z["kept"])
+                ws_churn.append(z["ws_churn"])
         with np.load(gt / "population.npz") as pop:
             signup = pop["user_signup_day"].copy()
+            user_ws = pop["user_ws"]
         return cls(
             features=tuple(meta["features"]),
             groups=np.array(meta["groups"], dtype=np.int32),
@@ -76,6 +81,7 @@ class GroundTruth:
             signup_day=signup,
             start=date.fromisoformat(meta["start"]),
             days=int(meta["days"]),
+            churn_day=np.concatenate(ws_churn)[user_ws],
         )
 
     # ------------------------------------------------------------------------------------
