@@ -72,6 +72,9 @@ class IngestConfig(_Section):
     batch_size: int = Field(default=200_000, gt=0)
     #: Events older/newer than this many days relative to ingestion time are quarantined.
     max_future_skew_seconds: int = Field(default=300, ge=0)
+    #: Column mapping for event files whose shape is not the spec's: canonical field ->
+    #: column / key in the files, e.g. {user_id = "uid", timestamp = "ts"} (`--map` wins).
+    column_map: dict[str, str] = Field(default_factory=dict)
 
 
 class WindowsConfig(_Section):
