@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import Body, FastAPI, Query, Request
+from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from featurerec.config import Settings
@@ -453,14 +453,23 @@ def create_app(runtime: ServingRuntime | None = None, settings: Settings | None 
         m.latency.labels("/api/v1/recommendations").observe(time.perf_counter() - t0)
         return _json(body)
 
+    query_params = _openapi_query_params(RecommendationQuery)
+
     @app.get(
         "/api/v1/recommendations",
         response_model=RecommendationResponse,
         summary="Recommend features for a user",
+        openapi_extra={"parameters": query_params},
     )
-    async def get_recommendations(
-        q: Annotated[RecommendationQuery, Query()],
-    ) -> Response:
+    async def get_recommendations(request: Request) -> Response:
+        # Validated with the same pydantic model as the POST body, without FastAPI's
+        # per-parameter dependency machinery (this is the hot path).
+        try:
+            q = RecommendationQuery.model_validate(dict(request.query_params))
+        except ValidationError as exc:
+            raise RequestValidationError(
+                [{**e, "loc": ("query", *e["loc"])} for e in exc.errors()]
+            ) from None
         return await _serve(q)
 
     @app.post(
@@ -565,6 +574,22 @@ def create_app(runtime: ServingRuntime | None = None, settings: Settings | None 
         return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _openapi_query_params(model: type[BaseModel]) -> list[dict[str, Any]]:
+    """OpenAPI ``parameters`` for a query-string version of ``model``."""
+    schema = model.model_json_schema()
+    required = set(schema.get("required", []))
+    return [
+        {
+            "name": name,
+            "in": "query",
+            "required": name in required,
+            "description": prop.get("description", ""),
+            "schema": {k: v for k, v in prop.items() if k != "description"},
+        }
+        for name, prop in schema["properties"].items()
+    ]
 
 
 def jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:

@@ -2,11 +2,11 @@
 
 Every served recommendation is one JSON line in a ``reclog-*.jsonl`` segment, every
 impression / click / dismiss one line in a ``feedback-*.jsonl`` segment, under
-``<data>/serving/log``. A writer thread does group commit: requests hand it their lines, it
-writes whatever has queued up, ``fsync``\\s once and only then releases the requests, so a
-response is never sent for a recommendation that is not on disk (kill the process at any
-point: every acknowledged id is in the log; at most the torn tail of an unacknowledged line
-is lost, and readers skip it).
+``<data>/serving/log``. Group commit: the lines of every request that finishes in one
+event-loop turn are written together and ``fsync``-ed once before any of those requests
+resumes, so a response is never sent for a recommendation that is not on disk (kill the
+process at any point: every acknowledged id is in the log; at most the torn tail of an
+unacknowledged line is lost, and readers skip it).
 
 Each process writes its own segments (``<prefix>-<date>-<pid>-<n>.jsonl``, rotated daily and
 by size), so several workers never interleave lines. :func:`load_reclog` loads all segments
@@ -17,11 +17,9 @@ into ``ml.recommendation_log`` and ``ml.recommendation_events``, idempotently (p
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,15 +57,15 @@ FEEDBACK_COLUMNS: dict[str, pa.DataType] = {
     "timestamp": pa.timestamp("us"),
 }
 
-_STOP = object()
-Done = Callable[[BaseException | None], None]
-
 
 class DurableLog:
-    """Append-only JSONL segments with group commit (one writer thread, one fsync per group).
+    """Append-only JSONL segments with group commit (one fsync per group of requests).
 
-    ``append`` blocks until the records are durable; ``append_async`` awaits the same without
-    blocking the event loop. ``fsync=False`` is for tests that do not care about power loss.
+    ``append_async`` (the server) queues the lines of a request and, once per event-loop
+    turn, writes everything queued and ``fsync``-s once before any of those requests
+    resumes: all requests that completed in the same turn share one fsync, and no thread
+    hand-off (and no GIL wait) sits on the request path. ``append`` (CLI, tests) writes and
+    syncs at once. ``fsync=False`` is for tests that do not care about power loss.
     """
 
     def __init__(
@@ -83,7 +81,7 @@ class DurableLog:
         self.prefix = prefix
         self.fsync = fsync
         self.rotate_bytes = rotate_bytes
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
         self._fd: int | None = None
         self._day = ""
         self._size = 0
@@ -91,54 +89,62 @@ class DurableLog:
         self.records_written = 0
         self.commits = 0
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"{prefix}-writer", daemon=True)
-        self._thread.start()
+        self._pending: list[tuple[bytes, int, asyncio.Future[None]]] = []
+        self._flush_scheduled = False
 
-    # -- producer side -------------------------------------------------------------------
-    def submit(self, records: list[dict[str, Any]], done: Done) -> None:
-        """Queue ``records``; ``done(None)`` runs (on the writer thread) once they are durable,
-        ``done(exc)`` if writing failed."""
-        if self._closed:
-            done(RuntimeError(f"{self.prefix} log is closed"))
-            return
-        data = b"".join(orjson.dumps(r) + b"\n" for r in records)
-        self._queue.put((data, len(records), done))
+    @staticmethod
+    def encode(records: list[dict[str, Any]]) -> bytes:
+        return b"".join(orjson.dumps(r) + b"\n" for r in records)
 
-    def append(self, records: list[dict[str, Any]], timeout: float = 30.0) -> None:
+    def append(self, records: list[dict[str, Any]]) -> None:
         """Write ``records`` and return once they are on disk."""
-        event = threading.Event()
-        box: list[BaseException | None] = [None]
-
-        def done(exc: BaseException | None) -> None:
-            box[0] = exc
-            event.set()
-
-        self.submit(records, done)
-        if not event.wait(timeout):
-            raise TimeoutError(f"{self.prefix} log: write not durable after {timeout}s")
-        if box[0] is not None:
-            raise box[0]
+        if records:
+            self._write(self.encode(records), len(records))
 
     async def append_async(self, records: list[dict[str, Any]]) -> None:
-        """Await durability of ``records`` without blocking the event loop."""
+        """Await durability of ``records`` (group commit within the event loop)."""
+        if not records:
+            return
+        if self._closed:
+            raise RuntimeError(f"{self.prefix} log is closed")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-
-        def done(exc: BaseException | None) -> None:
-            loop.call_soon_threadsafe(_settle, fut, exc)
-
-        self.submit(records, done)
+        self._pending.append((self.encode(records), len(records), fut))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
         await fut
 
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        err: BaseException | None = None
+        try:
+            self._write(b"".join(b[0] for b in batch), sum(b[1] for b in batch))
+        except OSError as exc:
+            err = exc
+        for _, _, fut in batch:
+            if fut.done():
+                continue
+            if err is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(err)
+
     def close(self) -> None:
-        """Flush what is queued and stop the writer."""
+        """Flush what is queued and close the segment."""
         if self._closed:
             return
+        self._flush()
         self._closed = True
-        self._queue.put(_STOP)
-        self._thread.join(timeout=30)
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
-    # -- writer thread -------------------------------------------------------------------
+    # -- writing -------------------------------------------------------------------------
     def _segment(self, incoming: int) -> int:
         day = datetime.now(UTC).strftime("%Y%m%d")
         if self._fd is None or day != self._day or self._size + incoming > self.rotate_bytes:
@@ -156,52 +162,20 @@ class DurableLog:
             self._day, self._size = day, 0
         return self._fd
 
-    def _run(self) -> None:
-        stop = False
-        while not stop:
-            item = self._queue.get()
-            if item is _STOP:
-                break
-            batch = [item]
-            while True:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _STOP:
-                    stop = True
-                    break
-                batch.append(nxt)
-            data = b"".join(b[0] for b in batch)
-            err: BaseException | None = None
-            try:
-                fd = self._segment(len(data))
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                if self.fsync:
-                    os.fsync(fd)
-                self._size += len(data)
-                self.records_written += sum(b[1] for b in batch)
-                self.commits += 1
-            except OSError as exc:
-                err = exc
-            for _, _, done in batch:
-                with contextlib.suppress(Exception):  # a callback must never kill the writer
-                    done(err)
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
-    if fut.done():
-        return
-    if exc is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(exc)
+    def _write(self, data: bytes, n_records: int) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self.prefix} log is closed")
+            fd = self._segment(len(data))
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            if self.fsync:
+                os.fsync(fd)
+            self._size += len(data)
+            self.records_written += n_records
+            self.commits += 1
 
 
 # -- reading -----------------------------------------------------------------------------
