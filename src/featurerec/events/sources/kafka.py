@@ -16,7 +16,7 @@ one append path, with at-least-once delivery and dedupe (an exactly-once effect)
   offsets committed (synchronously). A crash before the commit replays the batch, and the
   append path drops the events whose ``event_id`` is already stored: a replay adds nothing.
 * **Poison messages** (not UTF-8, not JSON, not an object, empty / tombstone, failing
-  validation) are quarantined with ``topic[partition]@offset`` and the reason, inside the
+  validation) are quarantined with ``topic[partition]:offset`` and the reason, inside the
   same durable batch; they never block the partition.
 * **Shutdown**: SIGTERM / SIGINT finish the batch in hand (write, commit), then close the
   consumer, which leaves the group cleanly.
@@ -297,20 +297,24 @@ class KafkaIngest:
         )
 
         fmt = self.options.format
-        spec_values: list[bytes] = []
-        spec_locs: list[str] = []
+        # spec-shaped values per (topic, partition), with their offsets
+        spec: dict[tuple[str, int], tuple[list[bytes], list[int]]] = {}
         segment_msgs: list[Any] = []
         segment_locs: list[str] = []
         bad: list[QuarantinedRecord] = []
         for m in msgs:
-            loc = f"{m.topic()}[{m.partition()}]@{m.offset()}"
             value = m.value()
+            if value and (fmt == "spec" or (fmt == "auto" and b'"event_type"' in value)):
+                key = (str(m.topic()), int(m.partition() or 0))
+                group = spec.get(key)
+                if group is None:
+                    group = spec[key] = ([], [])
+                group[0].append(value)
+                group[1].append(int(m.offset() or 0))
+                continue
+            loc = f"{m.topic()}[{m.partition()}]:{m.offset()}"
             if not value:
                 bad.append(QuarantinedRecord(self.name, loc, "empty message (tombstone)", ""))
-                continue
-            if fmt == "spec" or (fmt == "auto" and b'"event_type"' in value):
-                spec_values.append(value)
-                spec_locs.append(loc)
                 continue
             try:
                 obj = orjson.loads(value)
@@ -323,15 +327,14 @@ class KafkaIngest:
                 segment_msgs.append(obj)
                 segment_locs.append(loc)
             else:
-                spec_values.append(value)
-                spec_locs.append(loc)
-        parts: list[Any] = []
-        if spec_values:
-            parts.append(
-                normalize_records(
-                    spec_values, settings=self.settings, source=self.name, locations=spec_locs
-                )
-            )
+                key = (str(m.topic()), int(m.partition() or 0))
+                group = spec.setdefault(key, ([], []))
+                group[0].append(value)
+                group[1].append(int(m.offset() or 0))
+        parts: list[Any] = [
+            self._validate_partition(topic, partition, values, offsets)
+            for (topic, partition), (values, offsets) in spec.items()
+        ]
         traits = None
         if segment_msgs:
             mapped = map_messages(
@@ -379,6 +382,35 @@ class KafkaIngest:
                 origin=f"kafka:{self.options.group_id}",
             ),
             traits,
+        )
+
+    def _validate_partition(
+        self, topic: str, partition: int, values: list[bytes], offsets: list[int]
+    ) -> Any:
+        """Validate one partition's spec-shaped values; locations are ``topic[p]:offset``.
+
+        Fast path: the values become one Arrow string array for the vectorised
+        ``normalize_lines``; a value that is not UTF-8 sends the chunk through
+        ``normalize_records``, which quarantines just that value.
+        """
+        from featurerec.events.validate import normalize_lines, normalize_records
+
+        prefix = f"{topic}[{partition}]"
+        try:
+            lines = pa.array(values, pa.binary()).cast(pa.string())
+        except (pa.ArrowInvalid, UnicodeDecodeError):
+            return normalize_records(
+                values,
+                settings=self.settings,
+                source=self.name,
+                locations=[f"{prefix}:{o}" for o in offsets],
+            )
+        return normalize_lines(
+            lines,
+            settings=self.settings,
+            source=self.name,
+            location_prefix=prefix,
+            line_numbers=np.asarray(offsets, dtype=np.int64),
         )
 
     def _update_lag(self, consumer: ck.Consumer) -> None:
