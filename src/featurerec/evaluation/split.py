@@ -95,7 +95,8 @@ def time_split(
             )
         firsts = src.query_arrow(
             f"""
-            SELECT user_id, feature_category AS feature, MIN(timestamp) AS first_use
+            SELECT user_id, feature_category AS feature, MIN(timestamp) AS first_use,
+                   MIN(CASE WHEN is_first_use THEN timestamp END) AS flagged_first_use
             FROM {prefix}events
             WHERE event_type = 'feature_used' AND feature_category IS NOT NULL
               AND timestamp <= $end
@@ -123,6 +124,9 @@ def time_split(
         mem.close()
     space = ItemSpace(train.features)
     known = set(train.users) | set(train.contexts)
+    # Sources that flag true first uses (is_first_use) define adoption by the flag: a
+    # feature adopted before the data starts is not a new adoption when it shows up.
+    flagged = any(r["flagged_first_use"] is not None for r in firsts)
     before: dict[str, set[int]] = {}
     after: dict[str, set[int]] = {}
     for r in firsts:
@@ -130,7 +134,10 @@ def time_split(
         u = r["user_id"]
         if j is None or u not in known:
             continue
-        (before if r["first_use"] <= t else after).setdefault(u, set()).add(j)
+        if r["first_use"] <= t:
+            before.setdefault(u, set()).add(j)
+        elif not flagged or (r["flagged_first_use"] is not None and r["flagged_first_use"] > t):
+            after.setdefault(u, set()).add(j)
     user_ids = sorted(after)
     n, m = len(user_ids), len(space)
     targets = np.zeros((n, m), dtype=bool)
@@ -156,6 +163,7 @@ def time_split(
         "features": len(train.features),
         "test_users": len(test),
         "test_adoptions": int(test.targets.sum()),
+        "adoption_label": "is_first_use" if flagged else "first event",
     }
     return Split(train, test, info)
 

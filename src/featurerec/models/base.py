@@ -90,6 +90,10 @@ class TrainingData:
     #: Optional, same sparsity as ``matrix``: first use of each (user, feature) in the
     #: window, as epoch days (float). Lets training cut a validation window without SQL.
     first_used: sp.csr_matrix | None = None
+    #: Optional, a subset of ``matrix``'s sparsity: epoch days of the event flagged
+    #: ``is_first_use`` (the user's true first use) where one lies in the window. Pairs
+    #: without it were adopted before the window (or the source does not flag first uses).
+    adopted_at: sp.csr_matrix | None = None
 
     def user_states(self, user_ids: Sequence[str] | None = None) -> list[UserState]:
         ids = self.users if user_ids is None else list(user_ids)

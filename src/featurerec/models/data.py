@@ -137,6 +137,9 @@ def load_training_data(
                 strict=True,
             )
         )
+    adopted_at = None
+    if _exists(engine, "events"):
+        adopted_at = _flagged_first_uses(engine, settings, as_of, users, features)
     return TrainingData(
         users=users,
         features=features,
@@ -147,4 +150,36 @@ def load_training_data(
         event_counts=counts,
         as_of="" if as_of is None else as_of.isoformat(),
         first_used=first_used,
+        adopted_at=adopted_at,
     )
+
+
+def _flagged_first_uses(
+    engine: Any, settings: Any, as_of: datetime | None, users: list[str], features: list[str]
+) -> sp.csr_matrix | None:
+    """Epoch days of ``is_first_use`` events in the interaction window (None when the
+    source never flags first uses)."""
+    days = int(getattr(getattr(settings, "windows", None), "interaction_days", 90))
+    params: dict[str, Any] = {"days": days}
+    bound = "(SELECT MAX(timestamp) FROM events)"
+    if as_of is not None:
+        bound = "CAST($as_of AS TIMESTAMP)"
+        params["as_of"] = as_of
+    tbl = engine.query_arrow(
+        f"""SELECT user_id, feature_category AS feature, MIN(timestamp) AS t
+            FROM events
+            WHERE event_type = 'feature_used' AND is_first_use AND feature_category IS NOT NULL
+              AND timestamp <= {bound}
+              AND timestamp >= CAST({bound} AS DATE) - $days * INTERVAL '1' DAY
+            GROUP BY user_id, feature_category""",
+        params,
+    )
+    if tbl.num_rows == 0:
+        return None
+    u_idx = {u: i for i, u in enumerate(users)}
+    f_idx = {f: j for j, f in enumerate(features)}
+    r = np.array([u_idx.get(u, -1) for u in tbl["user_id"].to_pylist()], dtype=np.int64)
+    c = np.array([f_idx.get(f, -1) for f in tbl["feature"].to_pylist()], dtype=np.int64)
+    t = epoch_days(tbl["t"])
+    ok = (r >= 0) & (c >= 0) & np.isfinite(t)
+    return sp.csr_matrix((t[ok], (r[ok], c[ok])), shape=(len(users), len(features)))

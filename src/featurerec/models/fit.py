@@ -141,6 +141,15 @@ def split_by_mask(
         recent=recent,
         event_counts=counts,
         first_used=pre_fu,
+        adopted_at=None
+        if data.adopted_at is None
+        else sp.csr_matrix(
+            (
+                np.asarray(sp.csr_matrix(data.adopted_at)[rows[pre_mask], cols[pre_mask]]).ravel(),
+                (rows[pre_mask], cols[pre_mask]),
+            ),
+            shape=shape,
+        ),
         # transitions are kept: a documented approximation (they cover a 30-day window)
     )
     return ValidationSplit(pre=pre, targets=targets, cut_day=cut_day)
@@ -148,13 +157,20 @@ def split_by_mask(
 
 def validation_split(data: TrainingData, days: float) -> ValidationSplit | None:
     """Cut ``data`` at ``max(first_used) - days``: interactions first used after the cut are
-    the targets. None without ``first_used`` or without interactions on both sides."""
+    the targets. When the data flags true first uses (``adopted_at``), only those count as
+    adoptions after the cut: a feature adopted before the window whose first in-window use
+    happens to fall after the cut is history, not a new adoption.
+    None without ``first_used`` or without interactions on both sides."""
     al = _aligned(data)
     if al is None:
         return None
     rows, cols, vals, fu_at = al
     cut = float(fu_at.max()) - days
-    return split_by_mask(data, rows, cols, vals, fu_at, fu_at >= cut, cut)
+    post = fu_at >= cut
+    if data.adopted_at is not None and data.adopted_at.nnz:
+        flagged = np.asarray(sp.csr_matrix(data.adopted_at)[rows, cols]).ravel()
+        post = flagged >= cut  # 0 (no flag) is never after the cut
+    return split_by_mask(data, rows, cols, vals, fu_at, post, cut)
 
 
 def last_k_split(data: TrainingData, k: int) -> ValidationSplit | None:
@@ -289,7 +305,8 @@ def warm_start_bandits(
         r_idx, c_idx = np.nonzero(valid)
         item = ids[r_idx, c_idx]
         reward = targets[r_idx, item].astype(np.float64)
-        bandit.update([states[i] for i in r_idx], item, scores[r_idx, c_idx], reward, decay=False)
+        sig = strat.signals(states, ids, np.where(valid, scores, 0.0))
+        bandit.update([states[i] for i in r_idx], item, sig[r_idx, c_idx], reward, decay=False)
         n_rows += len(item)
     return n_rows
 

@@ -382,7 +382,9 @@ class Strategy:
                 valid = np.asarray(valid & _first_occurrence(cand_ids))
         bandit = self.bundle.bandits.get(self.name)
         if bandit is not None:
-            greedy = bandit.predict(users, cand_ids, np.where(valid, cand_scores, 0.0))
+            greedy = bandit.predict(
+                users, cand_ids, self.signals(users, cand_ids, np.where(valid, cand_scores, 0.0))
+            )
         else:
             greedy = cand_scores
         greedy = np.where(valid, np.nan_to_num(greedy, nan=-1e9), -np.inf)
@@ -414,6 +416,17 @@ class Strategy:
             components=components,
             transition_from=trans_from,
         )
+
+    def signals(
+        self, users: Sequence[UserState], cand_ids: np.ndarray, cand_scores: np.ndarray
+    ) -> np.ndarray:
+        """(n, c, 2) bandit inputs per candidate: the candidate score and the context
+        model's percentile (a shared, shrunk estimate of fit for the user's segment)."""
+        b = self.bundle
+        ctx = b.calibrated("context", b.context.score(users))
+        safe = np.maximum(cand_ids, 0)
+        ctx_c = np.where(cand_ids >= 0, np.take_along_axis(ctx, safe, axis=1), 0.0)
+        return np.stack([np.asarray(cand_scores, dtype=np.float64), ctx_c], axis=2)
 
     def recommend(
         self,

@@ -167,7 +167,10 @@ def apply_feedback(
         uids = [str(r["user_id"]) for r in batch]
         states = data.user_states(uids)
         items = bundle.space.ids([str(r["recommended_feature"]) for r in batch])
-        upstream = np.array([float(r.get("score") or 0.0) for r in batch])
+        logged = np.array([float(r.get("score") or 0.0) for r in batch])
+        ctx = bundle.calibrated("context", bundle.context.score(states))
+        ctx_item = np.where(items >= 0, ctx[np.arange(len(batch)), np.maximum(items, 0)], 0.0)
+        upstream = np.stack([logged, ctx_item], axis=1)
         rew = np.array([float(r.get(reward) or 0) for r in batch])
         prop = np.array(
             [np.nan if r.get("propensity") is None else float(r["propensity"]) for r in batch]
