@@ -185,3 +185,4 @@ def register(app: typer.Typer, groups: Any) -> None:
     groups.report.command("cold-start")(cold_start_cmd)
     groups.report.command("diversity")(diversity_cmd)
     groups.report.command("impact")(impact_cmd)
+    __import__("featurerec.analysis.discovery", fromlist=["_"]).register_discovery(groups)
