@@ -407,17 +407,17 @@ class ChunkSim:
         ti = self.codes.type_index
         parts.append(
             dict(
-                user=fe_user,
-                etype=np.full(n_fe, ti["feature_used"]),
+                user=fe_user.astype(np.int32),
+                etype=np.full(n_fe, ti["feature_used"], dtype=np.int16),
                 ts=fe_ts,
-                item=fe_item,
+                item=fe_item.astype(np.int32),
                 action=fe_action,
                 context=fe_ctx,
-                session=fe_sess,
+                session=fe_sess.astype(np.int32),
                 seq=seq,
                 top=top,
                 first=fe_first,
-                prop=np.full(n_fe, -1),
+                prop=np.full(n_fe, -1, dtype=np.int32),
                 traits=np.ones(n_fe, bool),
             )
         )
@@ -545,17 +545,17 @@ class ChunkSim:
     ) -> dict[str, np.ndarray]:
         m = len(user)
         return dict(
-            user=np.asarray(user),
-            etype=np.broadcast_to(np.asarray(etype), (m,)).copy(),
+            user=np.asarray(user, dtype=np.int32),
+            etype=np.broadcast_to(np.asarray(etype, dtype=np.int16), (m,)).copy(),
             ts=np.asarray(ts, dtype=np.int64),
-            item=np.full(m, -1) if item is None else np.asarray(item),
-            action=np.full(m, -1),
-            context=np.full(m, -1),
-            session=np.asarray(session),
+            item=np.full(m, -1, np.int32) if item is None else np.asarray(item, dtype=np.int32),
+            action=np.full(m, -1, np.int32),
+            context=np.full(m, -1, np.int32),
+            session=np.asarray(session, dtype=np.int32),
             seq=np.zeros(m, dtype=np.int32),
             top=np.full(m, np.nan),
             first=np.full(m, -1, dtype=np.int8),
-            prop=np.broadcast_to(np.asarray(prop), (m,)).copy(),
+            prop=np.broadcast_to(np.asarray(prop, dtype=np.int32), (m,)).copy(),
             traits=np.full(m, traits),
         )
 

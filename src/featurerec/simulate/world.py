@@ -153,7 +153,8 @@ PARQUET_OPTIONS: dict[str, Any] = {
         "properties",
         "user_traits",
     ],
-    "write_statistics": ["timestamp", "event_type", "user_id", "feature_category"],
+    # min/max only where row groups (one per day) differ: time
+    "write_statistics": ["timestamp"],
     "dictionary_pagesize_limit": 16 << 20,
     # no Arrow schema in the file: columns read back as plain strings (EVENT_ARROW_SCHEMA)
     "store_schema": False,
