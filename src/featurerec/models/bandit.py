@@ -202,9 +202,9 @@ class ContextualBandit:
         offset += len(SEGMENTS)
         if self.item_context:
             index = self.space.index
-            rows = [r for r, u in enumerate(users) for f in u.interactions if f in index]
-            cols = [index[f] for u in users for f in u.interactions if f in index]
-            x[np.asarray(rows, dtype=np.int64), offset + np.asarray(cols, dtype=np.int64)] = 1.0
+            r_ = [r for r, u in enumerate(users) for f in u.interactions if f in index]
+            c_ = [index[f] for u in users for f in u.interactions if f in index]
+            x[np.asarray(r_, dtype=np.int64), offset + np.asarray(c_, dtype=np.int64)] = 1.0
         return x
 
     def features(self, users: Sequence[UserState], upstream: np.ndarray) -> np.ndarray:
