@@ -320,3 +320,36 @@ def test_reasons_are_true_facts_of_the_snapshot(client: TestClient, world: Setti
             assert numbers == [expect], (text, expect)
             checked += 1
     assert checked > 20
+
+
+def test_workers_share_events_and_dismissals_through_sync(world: Settings) -> None:
+    """Two server processes on one data dir: what one accepts, the other applies."""
+    a = ServingRuntime.from_settings(world)
+    b = ServingRuntime.from_settings(world)
+    st = b.service.state
+    user = "usr_000050"
+    feature = st.features[int(np.flatnonzero(~st.adopted[st.row_of(user)])[0])]
+    with TestClient(create_app(a)) as ca:
+        event = {
+            "event_id": "evt_sync_1",
+            "user_id": user,
+            "event_type": "feature_used",
+            "properties": {"feature_category": feature},
+            "timestamp": (FIXTURE_AS_OF + timedelta(hours=2)).isoformat() + "Z",
+        }
+        assert ca.post("/api/v1/events", json=event).json()["applied"] == 1
+        assert "/v1/batch" in ca.get("/openapi.json").json()["paths"]  # Segment intake
+    assert not st.adopted[st.row_of(user), st.findex[feature]]
+    assert b.sync.run_once() >= 1
+    assert st.adopted[st.row_of(user), st.findex[feature]]
+    # a dismissal logged by another worker (other pid in the segment name) reaches b
+    log = b.log_dir / "feedback-20270101-999999-0001.jsonl"
+    log.write_text(
+        '{"feedback_id":"x:dismiss","recommendation_id":"x","user_id":"usr_000051",'
+        '"feature":"api_access","kind":"dismiss","timestamp":"2030-01-01T00:00:00"}\n'
+    )
+    b.sync.run_once()
+    exp = st.exposure(st.row_of("usr_000051"), 0.0)
+    assert exp.last_dismissed[st.findex["api_access"]] > 0
+    a.close()
+    b.close()

@@ -176,6 +176,11 @@ class ServingRuntime:
         self._pointers: dict[str, int | None] = {}
         self.metrics = _Metrics()
         self.started_at = time.time()
+        from featurerec.serving.loader import StateSync, landing_dir
+
+        self.sync = StateSync(
+            lambda: self.service.state, landing_dir(settings), self.log_dir, self._served
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServingRuntime:
@@ -214,7 +219,9 @@ class ServingRuntime:
 
     # -- lifecycle -----------------------------------------------------------------------
     def start_reloader(self) -> None:
-        if self.registry is None or self._reloader is not None:
+        """Start the background thread: state sync every ``sync_interval_seconds``, registry
+        poll every ``reload_poll_seconds``."""
+        if self._reloader is not None:
             return
         self._reloader = threading.Thread(target=self._reload_loop, name="reloader", daemon=True)
         self._reloader.start()
@@ -228,11 +235,16 @@ class ServingRuntime:
 
     def _reload_loop(self) -> None:
         poll = self.deployment.models.online_state.reload_poll_seconds
-        while not self._stop.wait(poll):
+        tick = min(self.settings.serving.sync_interval_seconds, poll)
+        next_poll = time.monotonic() + poll
+        while not self._stop.wait(tick):
             try:
-                self.check_reload()
-            except Exception:  # never let the reloader die
-                log.exception("serving: reload check failed")
+                self.sync.run_once()
+                if self.registry is not None and time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + poll
+                    self.check_reload()
+            except Exception:  # never let the background thread die
+                log.exception("serving: sync / reload check failed")
 
     def check_reload(self) -> str | None:
         """Swap in a newly promoted model or snapshot; returns what changed (or None)."""
@@ -609,6 +621,7 @@ def accept_events(runtime: ServingRuntime, records: list[dict[str, Any]]) -> dic
     receipt = None
     if runtime.landing is not None and (batch.accepted or batch.quarantined):
         receipt = runtime.landing.write(batch)
+        runtime.sync.mark_seen(receipt.path)
     applied = runtime.service.state.apply_events(batch.events)
     m = runtime.metrics.events
     m.labels("accepted").inc(batch.accepted)
@@ -631,9 +644,15 @@ def _mount_sources(app: FastAPI, runtime: ServingRuntime) -> None:
     except ImportError:
         return
 
-    def on_batch(batch: Any) -> None:
-        table = getattr(batch, "events", batch)
-        runtime.service.state.apply_events(table)
+    def on_batch(batch: Any) -> Any:
+        # Land durably first (the Segment intake acknowledges after this returns), then
+        # update the online state.
+        receipt = None
+        if runtime.landing is not None:
+            receipt = runtime.landing.write(batch)
+            runtime.sync.mark_seen(receipt.path)
+        runtime.service.state.apply_events(batch.events)
+        return receipt
 
     try:
         app.include_router(build_router(runtime.settings, on_batch))

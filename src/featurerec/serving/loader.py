@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -27,13 +28,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pyarrow as pa
 
 from featurerec.errors import ModelError
 from featurerec.models.base import UserState
 from featurerec.models.ranking import Ranked, epsilon_slates
 from featurerec.serving.deployment import DeploymentSpec
-from featurerec.serving.reclog import FEEDBACK_PREFIX, RECLOG_PREFIX, _parse_ts, iter_records
+from featurerec.serving.reclog import (
+    FEEDBACK_PREFIX,
+    RECLOG_PREFIX,
+    _parse_ts,
+    iter_records,
+    segments,
+)
 from featurerec.serving.snapshot import OnlineSnapshot
 from featurerec.serving.state import OnlineState, epoch_seconds
 
@@ -414,3 +422,108 @@ def load_online_state(
         replayed,
     )
     return state, served
+
+
+class StateSync:
+    """Keeps one process's online state in step with what other processes accepted.
+
+    Every ``serving.sync_interval_seconds`` (a thread of the server) it applies
+
+    * event files landed by anyone (other workers, the Kafka consumer, the Segment intake),
+      read once each (idempotent by event id anyway);
+    * lines appended to other workers' recommendation and feedback logs (served features
+      count toward frequency caps and diversity; dismissals start the cooldown).
+
+    With one worker and no other producers it finds nothing to do.
+    """
+
+    def __init__(
+        self, state_getter: Any, landing: Path, log_dir: Path, served: dict[str, Any]
+    ) -> None:
+        self._state = state_getter
+        self.landing = landing
+        self.log_dir = log_dir
+        self.served = served
+        self._seen_files: set[str] = set()
+        self._offsets: dict[str, int] = {}
+        self._own = f"-{os.getpid()}-"
+        self.events_applied = 0
+        # Everything already on disk at start was replayed by load_online_state.
+        for p in self._landed_files():
+            self._seen_files.add(p.name)
+        for prefix in (RECLOG_PREFIX, FEEDBACK_PREFIX):
+            for p in segments(log_dir, prefix):
+                self._offsets[str(p)] = p.stat().st_size
+
+    def mark_seen(self, path: str | Path) -> None:
+        self._seen_files.add(Path(path).name)
+
+    def _landed_files(self) -> list[Path]:
+        out: list[Path] = []
+        for sub in ("pending", "done"):
+            d = self.landing / sub
+            if d.is_dir():
+                out.extend(p for p in d.iterdir() if p.name.endswith(".events.parquet"))
+        return out
+
+    def run_once(self) -> int:
+        import pyarrow.parquet as pq
+
+        state: OnlineState = self._state()
+        changed = 0
+        for p in sorted(self._landed_files(), key=lambda x: x.name):
+            if p.name in self._seen_files:
+                continue
+            self._seen_files.add(p.name)
+            try:
+                table = pq.read_table(p)
+            except (OSError, pa.ArrowInvalid):
+                continue
+            n = state.apply_events(table)
+            self.events_applied += n
+            changed += n
+        now = time.time()
+        for prefix in (RECLOG_PREFIX, FEEDBACK_PREFIX):
+            for p in segments(self.log_dir, prefix):
+                if self._own in p.name:
+                    continue
+                key = str(p)
+                start = self._offsets.get(key, 0)
+                size = p.stat().st_size
+                if size <= start:
+                    continue
+                with open(p, "rb") as fh:
+                    fh.seek(start)
+                    chunk = fh.read(size - start)
+                end = chunk.rfind(b"\n") + 1
+                self._offsets[key] = start + end
+                for line in chunk[:end].splitlines():
+                    try:
+                        rec = orjson.loads(line)
+                    except orjson.JSONDecodeError:
+                        continue
+                    changed += self._apply_line(state, prefix, rec, now)
+        return changed
+
+    def _apply_line(self, state: OnlineState, prefix: str, rec: dict[str, Any], now: float) -> int:
+        if prefix == RECLOG_PREFIX:
+            ts = _parse_ts(rec.get("generated_at"))
+            j = state.findex.get(rec.get("recommended_feature") or "")
+            self.served[str(rec.get("recommendation_id"))] = (
+                str(rec.get("user_id")),
+                str(rec.get("recommended_feature")),
+            )
+            if ts is not None and j is not None:
+                state.record_served(str(rec["user_id"]), [j], epoch_seconds(ts))
+                return 1
+            return 0
+        if rec.get("kind") != "dismiss":
+            return 0
+        ts = _parse_ts(rec.get("timestamp"))
+        target = self.served.get(str(rec.get("recommendation_id")))
+        user = rec.get("user_id") or (target[0] if target else None)
+        feature = rec.get("feature") or (target[1] if target else None)
+        if ts is None or not user or not feature:
+            return 0
+        state.record_dismissal(str(user), str(feature), epoch_seconds(ts))
+        return 1
