@@ -10,13 +10,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
 from featurerec.config import Settings
-from featurerec.events.schema import EVENT_ARROW_SCHEMA
 from featurerec.pipeline.contracts import STAGE_FUNCTIONS, StageContext
 from featurerec.registry import Registry, registry_for
 from featurerec.serving.app import ServingRuntime, create_app
@@ -267,22 +264,30 @@ def test_hot_reload_swaps_model_and_state(world: Settings, tmp_path) -> None:
 
 
 def test_landed_events_are_replayed_on_start(world: Settings) -> None:
+    """Events accepted (landed) after the snapshot survive a restart."""
+    from featurerec.events.landing import Landing
+    from featurerec.events.validate import normalize_records
+
     user, feature = "usr_000040", "api_access"
-    landing = world.data_path / "landing"
-    landing.mkdir(parents=True)
-    row = {name: [None] for name in EVENT_ARROW_SCHEMA.names}
-    row.update(
-        event_id=["evt_landed"],
-        user_id=[user],
-        event_type=["feature_used"],
-        timestamp=[FIXTURE_AS_OF + timedelta(days=1)],
-        feature_category=[feature],
+    when = FIXTURE_AS_OF + timedelta(days=1)
+    batch = normalize_records(
+        [
+            {
+                "event_id": "evt_landed",
+                "user_id": user,
+                "event_type": "feature_used",
+                "properties": {"feature_category": feature},
+                "timestamp": when.isoformat() + "Z",
+            }
+        ],
+        settings=world,
+        source="test",
     )
-    pq.write_table(pa.table(row, schema=EVENT_ARROW_SCHEMA), landing / "batch-1.parquet")
+    Landing.for_settings(world).write(batch)
     rt = ServingRuntime.from_settings(world)
     st = rt.service.state
     assert st.adopted[st.row_of(user), st.findex[feature]]
-    assert st.latest_event_at == FIXTURE_AS_OF + timedelta(days=1)
+    assert st.latest_event_at == when
     rt.close()
 
 
