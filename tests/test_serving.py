@@ -358,3 +358,25 @@ def test_workers_share_events_and_dismissals_through_sync(world: Settings) -> No
     assert exp.last_dismissed[st.findex["api_access"]] > 0
     a.close()
     b.close()
+
+
+def test_cli_recommend_and_reclog_load(world: Settings) -> None:
+    import orjson
+    from typer.testing import CliRunner
+
+    from featurerec.cli import app
+
+    runner = CliRunner()
+    base = ["--data-dir", str(world.data_path)]
+    r = runner.invoke(app, [*base, "recommend", "usr_000060", "--json", "--k", "2"])
+    assert r.exit_code == 0, r.output
+    body = orjson.loads(r.stdout)
+    assert body["user_id"] == "usr_000060" and 1 <= len(body["recommendations"]) <= 2
+    r = runner.invoke(app, [*base, "recommend", "usr_000060", "--placement", "popup"])
+    assert r.exit_code != 0 and "placement" in str(r.exception or r.output)
+    for _ in range(2):
+        r = runner.invoke(app, [*base, "reclog", "load", "--json"])
+        assert r.exit_code == 0, r.output
+    report = orjson.loads(r.stdout)
+    assert report["recommendations_read"] == len(body["recommendations"])
+    assert report["recommendations_new"] == 0  # second load adds nothing
