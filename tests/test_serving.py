@@ -380,3 +380,43 @@ def test_cli_recommend_and_reclog_load(world: Settings) -> None:
     report = orjson.loads(r.stdout)
     assert report["recommendations_read"] == len(body["recommendations"])
     assert report["recommendations_new"] == 0  # second load adds nothing
+
+
+def test_experiment_variant_sets_strategy_and_placement(world: Settings) -> None:
+    from featurerec.experiments.assignment import assign
+    from featurerec.experiments.spec import find_experiment
+
+    strat_cfg = world.model_copy(
+        update={
+            "serving": world.serving.model_copy(
+                update={"experiment": "rec-personalization-strategy"}
+            )
+        }
+    )
+    rt = ServingRuntime.from_settings(strat_cfg)
+    spec = find_experiment(strat_cfg, "rec-personalization-strategy")
+    seen = set()
+    for i in range(40):
+        uid = f"usr_{i:06d}"
+        res = rt.service.recommend(RecommendationRequest(uid))
+        variant = assign(spec, uid)
+        assert res.experiment == spec.name and res.variant == variant.name
+        assert res.strategy == variant.resolved_strategy
+        assert all(r["variant"] == variant.name for r in res.log_records)
+        seen.add(res.variant)
+    assert len(seen) >= 3
+    rt.close()
+    place_cfg = world.model_copy(
+        update={"serving": world.serving.model_copy(update={"experiment": "rec-placement-test"})}
+    )
+    rt = ServingRuntime.from_settings(place_cfg)
+    spec = find_experiment(place_cfg, "rec-placement-test")
+    for i in range(40):
+        uid = f"usr_{i:06d}"
+        arm = assign(spec, uid).resolved_placement
+        res = rt.service.recommend(RecommendationRequest(uid, placement="sidebar_panel"))
+        if arm == "sidebar_panel":
+            assert res.recommendations, uid
+        else:  # this user's arm shows recommendations elsewhere, never in the sidebar
+            assert res.recommendations == [] and res.variant == arm
+    rt.close()
