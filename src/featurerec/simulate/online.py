@@ -30,9 +30,16 @@ Placements: ``sidebar_panel`` asks when the user starts their first session of t
 feature as context); ``onboarding_wizard`` only in a user's first 7 days; ``email_digest``
 once a week for every signed-up user, active or not.
 
-The response model comes from :mod:`featurerec.simulate.response` (SIM) when that module
-exists; until then :class:`ProvisionalResponse` below stands in, with a priori parameters
-(documented there, never tuned to a result), and the output says which one ran.
+The world continues through SIM's :class:`~featurerec.simulate.state.WorldState`: a day is
+simulated with ``advance(1, exposures)``, where ``exposures`` are the recommendations served
+on the previous day (responses are drawn by SIM's
+:class:`~featurerec.simulate.response.ResponseModel` at the time they were shown, and
+induced first uses land in the following days). Serving needs to know who is in the product
+and when, which only the simulated day tells, hence the one-day lag between serving and
+the call that draws the responses; clicks (seconds after showing) and dismissals are logged
+with their own timestamps, so nothing is shifted in the log. The ``feature_discovered``
+events SIM adds for clicks are lost for clicks on the day before the one being advanced
+(attribution does not use them).
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
@@ -59,65 +66,6 @@ PLACEMENT_CODES = ("sidebar_panel", "in_context_tooltip", "onboarding_wizard", "
 HOLDOUT_EXPERIMENT = "random-holdout"
 #: Cold start: fewer feature_used events than this when the recommendation is made.
 ONBOARDING_DAYS = 7
-
-
-# -- response model -------------------------------------------------------------------------
-class Response(Protocol):
-    """Probabilities for shown recommendations (vectorised over rows)."""
-
-    @property
-    def name(self) -> str: ...
-
-    def probabilities(
-        self, utility: np.ndarray, keep_p: np.ndarray, placement: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(p_click, p_dismiss_if_not_clicked, p_adopt7_if_clicked, p_adopt7_if_not)."""
-        ...
-
-
-@dataclass(frozen=True)
-class ProvisionalResponse:
-    """Stand-in until SIM's response model lands; parameters fixed a priori.
-
-    relevance ``q = sigmoid(2 (U - 1.5))`` of the hidden utility (about the top quarter of
-    a user's unused features is clearly relevant); ``p_click = c[placement] * q``, with the
-    placement factors ordered as in the spec's placement experiment (tooltip > onboarding >
-    sidebar > email); not clicked -> dismissed with ``d[placement] * (1 - q)``; adoption
-    within 7 days: ``0.5 * keep_p`` after a click (keep_p = the world's own probability of
-    keeping a tried feature), ``0.05 * q`` view-through otherwise.
-    """
-
-    name: str = "provisional (simulate/online.py; SIM's response model not in this build)"
-    click: tuple[float, ...] = (0.25, 0.6, 0.45, 0.10)  # in PLACEMENT_CODES order
-    dismiss: tuple[float, ...] = (0.35, 0.15, 0.08, 0.0)
-    adopt_after_click: float = 0.5
-    adopt_view_through: float = 0.05
-
-    def probabilities(
-        self, utility: np.ndarray, keep_p: np.ndarray, placement: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        q = 1.0 / (1.0 + np.exp(-2.0 * (utility - 1.5)))
-        c = np.asarray(self.click)[placement]
-        d = np.asarray(self.dismiss)[placement]
-        return (
-            np.clip(c * q, 0, 1),
-            np.clip(d * (1 - q), 0, 1),
-            np.clip(self.adopt_after_click * keep_p, 0, 1),
-            np.clip(self.adopt_view_through * q, 0, 1),
-        )
-
-
-def response_model() -> Response:
-    """SIM's response model when present, else the provisional one."""
-    try:
-        from featurerec.simulate import response as sim_response  # type: ignore[attr-defined]
-    except ImportError:
-        return ProvisionalResponse()
-    factory = getattr(sim_response, "online_response", None)
-    if factory is None:
-        return ProvisionalResponse()
-    model: Response = factory()
-    return model
 
 
 # -- config and results -----------------------------------------------------------------------
@@ -190,11 +138,22 @@ class OnlineResult:
 class _Served:
     """One day's served items, as parallel lists (filled per request)."""
 
-    user: list[int] = field(default_factory=list)
-    item: list[int] = field(default_factory=list)
-    placement: list[int] = field(default_factory=list)
-    ts_us: list[int] = field(default_factory=list)
+    user: list[str] = field(default_factory=list)
+    feature: list[str] = field(default_factory=list)
+    placement: list[str] = field(default_factory=list)
+    shown_at: list[datetime] = field(default_factory=list)
     rec_id: list[str] = field(default_factory=list)
+
+    def table(self) -> pa.Table:
+        return pa.table(
+            {
+                "recommendation_id": pa.array(self.rec_id, pa.string()),
+                "user_id": pa.array(self.user, pa.string()),
+                "feature": pa.array(self.feature, pa.string()),
+                "placement": pa.array(self.placement, pa.string()),
+                "shown_at": pa.array(self.shown_at, pa.timestamp("us")),
+            }
+        )
 
 
 @dataclass
@@ -226,11 +185,10 @@ class OnlineExperiment:
         self.work = Path(work_dir)
         self.settings = base_settings.with_data_dir(self.work / "data")
         self.progress = progress or (lambda msg, done, total: None)
-        self.response = response_model()
         self.timings: dict[str, float] = {}
         self.counts: dict[str, int] = {
             "requests": 0, "recommendations": 0, "clicks": 0, "dismissals": 0,
-            "forced_adoptions": 0, "retrains": 0, "events_ingested": 0,
+            "induced_adoptions": 0, "retrains": 0, "events_ingested": 0,
         }  # fmt: skip
         self.latencies: dict[str, list[float]] = {}
         self.notes: list[str] = []
@@ -246,6 +204,7 @@ class OnlineExperiment:
     def setup(self) -> None:
         from featurerec.events.ingest import Ingestor
         from featurerec.simulate.emit import chunk_strings
+        from featurerec.simulate.state import WorldState
         from featurerec.simulate.world import WorldConfig, generate_world
         from featurerec.warehouse.engine import open_warehouse
 
@@ -259,7 +218,7 @@ class OnlineExperiment:
         )
         self.world_dir = self.work / "world"
         world.write(self.world_dir)
-        self.world = world
+        self.ws = WorldState.load(self.world_dir)
         self._time("world", t0)
         t0 = time.perf_counter()
         self.progress("ingesting the world", 0, 1)
@@ -268,41 +227,25 @@ class OnlineExperiment:
         self.ingestor.ingest_world(self.world_dir)
         self._time("ingest", t0)
 
-        gt = self.world_dir / "ground_truth"
-        self.sims = []
-        user_ids: list[str] = []
-        self.chunk_of: list[int] = []
-        self.local_of: list[int] = []
-        self.chunk_strings = []
-        for c, (u0, u1, _w0, _w1) in enumerate(world.chunks):
-            sim = world.chunk_sim(c)
-            sim.load_state(gt / f"state-{c:05d}.npz")
-            self.sims.append(sim)
-            users, wss = chunk_strings(world.population, u0, u1)
-            traits = world.emitter.user_traits(u0, u1)
-            self.chunk_strings.append((users, wss, traits))
-            user_ids.extend(users.to_pylist())
-            self.chunk_of.extend([c] * (u1 - u0))
-            self.local_of.extend(range(u1 - u0))
-        self.user_ids = user_ids
-        self.uindex = {u: i for i, u in enumerate(user_ids)}
-        self.chunk_of_a = np.asarray(self.chunk_of)
-        self.local_of_a = np.asarray(self.local_of)
-        self.features = list(world.features)
-        self.findex = {f: j for j, f in enumerate(self.features)}
-        self.fu_code = world.codes.type_index["feature_used"]
-        self.start_us = world.emitter.start_us
-        self.day = self.cfg.history_days
-        self.pending: dict[int, list[tuple[int, int, int]]] = {}  # day -> (global user, item, ts)
-        from featurerec.experiments.assignment import bucket
-
-        self.holdout = np.array(
-            [bucket(HOLDOUT_EXPERIMENT, u) < self.cfg.holdout_share for u in user_ids]
+        self.user_ids: list[str] = []
+        for u0, u1, _w0, _w1 in self.ws.world.chunks:
+            self.user_ids.extend(chunk_strings(self.ws.world.population, u0, u1)[0].to_pylist())
+        self.features = list(self.ws.features)
+        self.t0 = datetime(
+            self.ws.truth.start.year, self.ws.truth.start.month, self.ws.truth.start.day
         )
+        self.day = self.ws.day
+        self.exposures: pa.Table | None = None
+        from featurerec.experiments.assignment import assign, bucket
+
+        self.holdout = {
+            u for u in self.user_ids if bucket(HOLDOUT_EXPERIMENT, u) < self.cfg.holdout_share
+        }
+        self.variant_of = {u: assign(self.spec, u) for u in self.user_ids}
         self._retrain()
 
     def _dt(self, us_since_start: int) -> datetime:
-        return datetime(1970, 1, 1) + timedelta(microseconds=int(us_since_start) + self.start_us)
+        return self.t0 + timedelta(microseconds=int(us_since_start))
 
     def _retrain(self) -> None:
         """Attribution, the daily pipeline, then serving swaps to the new model and state."""
@@ -357,84 +300,86 @@ class OnlineExperiment:
         self._time("reload", t0)
 
     # ---------------------------------------------------------------------------------------
-    def _requests(self, c: int, ev: Any, day: int) -> list[tuple[int, int, int, int]]:
-        """(ts_us, global user, placement code, context item) requests of one chunk-day for
-        each placement; the caller picks the one that matches the user's variant."""
-        sim = self.sims[c]
-        base = int(np.searchsorted(self.chunk_of_a, c))
-        out: list[tuple[int, int, int, int]] = []
-        if len(ev):
-            order = np.argsort(ev.ts, kind="stable")
-            u, ts, et, it = ev.user[order], ev.ts[order], ev.etype[order], ev.item[order]
-            first_u, first_i = np.unique(u, return_index=True)
-            for lu, i in zip(first_u.tolist(), first_i.tolist(), strict=True):
-                out.append((int(ts[i]), base + lu, 0, -1))  # sidebar at session start
-                if day - int(sim.signup[lu]) < ONBOARDING_DAYS:
-                    out.append((int(ts[i]), base + lu, 2, -1))
-            fu = et == self.fu_code
-            fu_u, fu_i = np.unique(u[fu], return_index=True)
-            fts, fit = ts[fu], it[fu]
-            for lu, i in zip(fu_u.tolist(), fu_i.tolist(), strict=True):
-                out.append((int(fts[i]), base + lu, 1, int(fit[i])))
-        if (day - self.cfg.history_days) % 7 == 0:
-            alive = (sim.signup <= day) & (sim.ws_churn[sim.user_ws] >= day)
+    def _requests(self, events: pa.Table, day: int) -> list[tuple[int, str, int, str | None]]:
+        """(µs since world start, user id, placement code, context feature) of the day's
+        possible requests, one list for every placement (the caller keeps the one matching
+        each user's variant); see the module docstring for when each placement asks."""
+        import pyarrow.compute as pc
+
+        out: list[tuple[int, str, int, str | None]] = []
+        t0 = np.datetime64(self.t0, "us")
+        if events.num_rows:
+            ev = events.sort_by([("timestamp", "ascending")])
+            uid = ev.column("user_id").to_numpy(zero_copy_only=False)
+            ts = (ev.column("timestamp").to_numpy() - t0).astype(np.int64)
+            first_u, first_i = np.unique(uid, return_index=True)
+            signup = self.ws.truth.signup_day[self.ws.truth.user_index(pa.array(first_u))]
+            for u, i, sd in zip(first_u.tolist(), first_i.tolist(), signup.tolist(), strict=True):
+                out.append((int(ts[i]), u, 0, None))  # sidebar at the day's first session
+                if day - sd < ONBOARDING_DAYS:
+                    out.append((int(ts[i]), u, 2, None))
+            fu = pc.equal(ev.column("event_type"), "feature_used").to_numpy(zero_copy_only=False)
+            feat = ev.column("feature_category").to_numpy(zero_copy_only=False)
+            fu_u, fu_i = np.unique(uid[fu], return_index=True)
+            f_ts, f_feat = ts[fu], feat[fu]
+            for u, i in zip(fu_u.tolist(), fu_i.tolist(), strict=True):
+                out.append((int(f_ts[i]), u, 1, f_feat[i]))  # tooltip at the first feature use
+        if (day - self.cfg.history_days) % 7 == 0:  # the weekly email, to everyone present
+            t = self.ws.truth
+            alive = t.signup_day <= day
+            if t.churn_day is not None:
+                alive &= t.churn_day >= day
             t8 = day * DAY_US + 8 * 3600 * 1_000_000
-            out.extend((t8, base + int(lu), 3, -1) for lu in np.flatnonzero(alive))
+            out.extend((t8, self.user_ids[int(g)], 3, None) for g in np.flatnonzero(alive))
         return out
 
-    def _placement_for(self, g: int, phase: str) -> tuple[str, int]:
-        """(service key, placement code) for user ``g`` in this phase."""
+    def _placement_for(self, user_id: str, phase: str) -> tuple[str, int]:
+        """(service key, placement code) for ``user_id`` in this phase."""
+        default = PLACEMENT_CODES.index(self.cfg.default_placement)
         if phase == "warmup":
-            return "default", PLACEMENT_CODES.index(self.cfg.default_placement)
-        if self.holdout[g]:
-            return "random", PLACEMENT_CODES.index(self.cfg.default_placement)
-        from featurerec.experiments.assignment import assign
-
-        v = assign(self.spec, self.user_ids[g])
-        pl = v.resolved_placement or self.cfg.default_placement
-        return "experiment", PLACEMENT_CODES.index(pl)
+            return "default", default
+        if user_id in self.holdout:
+            return "random", default
+        pl = self.variant_of[user_id].resolved_placement
+        return "experiment", PLACEMENT_CODES.index(pl) if pl else default
 
     def step_day(self, phase: str) -> None:
-        """Simulate one day: world behaviour, requests, responses, ingestion (module doc)."""
+        """Simulate one day: the world moves (with responses to yesterday's recommendations),
+        today's active users are served, the online state learns the day's events."""
         from featurerec.serving.service import RecommendationRequest, RequestContext
         from featurerec.serving.state import epoch_seconds
-        from featurerec.simulate.dynamics import Forced
 
         day = self.day
-        rng = np.random.default_rng([self.cfg.seed, 77, day])
         t0 = time.perf_counter()
-        forced_rows = self.pending.pop(day, [])
-        tables = []
-        requests: list[tuple[int, int, int, int]] = []
-        for c, sim in enumerate(self.sims):
-            mine = [
-                (self.local_of[g], it, ts) for g, it, ts in forced_rows if self.chunk_of[g] == c
-            ]
-            forced = None
-            if mine:
-                arr = np.asarray(mine, dtype=np.int64)
-                forced = Forced(user=arr[:, 0], item=arr[:, 1], ts=arr[:, 2])
-            ev = sim.step_day(day, forced)
-            users, wss, traits = self.chunk_strings[c]
-            tables.append(self.world.emitter.table(ev, c, users, wss, traits))
-            requests.extend(self._requests(c, ev, day))
+        adv = self.ws.advance(1, self.exposures, seed=self.cfg.seed)
+        self.exposures = None
+        events = adv.events
         self._time("world_step", t0)
+        t0 = time.perf_counter()
+        self._take_responses(adv.responses)
+        self._time("responses", t0)
 
         # Serve in time order; each user gets the request of their variant's placement.
         t0 = time.perf_counter()
+        requests = [
+            r for r in self._requests(events, day) if r[2] == self._placement_for(r[1], phase)[1]
+        ]
         requests.sort()
+        self._prewarm({r[1] for r in requests}, phase)
         served = _Served()
         log_rows: list[dict[str, Any]] = []
         contexts: list[_LoggedContext] = []
-        for ts_us, g, pcode, ctx_item in requests:
-            key, want = self._placement_for(g, phase)
+        mf = {f: j for j, f in enumerate(self.model.features)}
+        for ts_us, user_id, pcode, ctx_feature in requests:
+            key, want = self._placement_for(user_id, phase)
             if pcode != want:
                 continue
             svc = self.services[key]
             self.now = self._dt(ts_us)
-            ctx = RequestContext(feature=self.features[ctx_item] if ctx_item >= 0 else None)
             req = RecommendationRequest(
-                self.user_ids[g], placement=PLACEMENT_CODES[pcode], context=ctx
+                user_id,
+                placement=PLACEMENT_CODES[pcode],
+                context=RequestContext(feature=ctx_feature),
             )
             if phase == "warmup" and self.cfg.ope:
                 user_state, exclude = self._logging_context(svc, req)
@@ -446,13 +391,12 @@ class OnlineExperiment:
             self.latencies.setdefault(variant, []).append(res.latency_ms)
             log_rows.extend(res.log_records)
             for item in res.recommendations:
-                served.user.append(g)
-                served.item.append(self.findex.get(item.feature, -1))
-                served.placement.append(pcode)
-                served.ts_us.append(ts_us)
+                served.user.append(user_id)
+                served.feature.append(item.feature)
+                served.placement.append(PLACEMENT_CODES[pcode])
+                served.shown_at.append(res.generated_at)
                 served.rec_id.append(item.recommendation_id)
             if phase == "warmup" and self.cfg.ope:
-                mf = {f: j for j, f in enumerate(self.model.features)}
                 contexts.append(
                     _LoggedContext(
                         user_state,
@@ -464,37 +408,84 @@ class OnlineExperiment:
                     )
                 )
         self._time("serving", t0)
-        if phase == "warmup":
-            self.logged_contexts.extend(contexts)
-
-        t0 = time.perf_counter()
-        feedback = self._respond(served, rng)
-        self._time("responses", t0)
+        self.logged_contexts.extend(contexts)
+        # Only features the world knows can be shown to its users.
+        known = set(self.features)
+        keep = [i for i, f in enumerate(served.feature) if f in known]
+        if len(keep) < len(served.feature):
+            self.counts["unknown_features"] = self.counts.get("unknown_features", 0) + (
+                len(served.feature) - len(keep)
+            )
+        self.exposures = served.table().take(pa.array(keep, pa.int64())) if keep else None
+        self.counts["recommendations"] += len(served.rec_id)
 
         # The day's events reach the online state now (as landed events reach the server);
         # the warehouse gets them, the log and the feedback before the next retrain.
         t0 = time.perf_counter()
-        events = pa.concat_tables(tables) if tables else None
-        if events is not None and events.num_rows:
+        if events.num_rows:
             self._buffer.append(events)
             used = events.filter(pa.compute.equal(events.column("event_type"), "feature_used"))
-            known = np.array([self.state.row_of(u) is not None for u in
-                              pa.compute.unique(used.column("user_id")).to_pylist()])  # fmt: skip
-            if known.all():  # traits only matter for users the state has not seen yet
+            new_users = [
+                u
+                for u in pa.compute.unique(used.column("user_id")).to_pylist()
+                if self.state.row_of(u) is None
+            ]
+            if not new_users:  # traits only matter for users the state has not seen yet
                 used = used.set_column(
-                    used.schema.get_field_index("user_traits"), "user_traits",
+                    used.schema.get_field_index("user_traits"),
+                    "user_traits",
                     pa.nulls(used.num_rows, pa.string()),
-                )  # fmt: skip
-            self.state.apply_events(used)
-        for f in feedback:
-            if f["kind"] == "dismiss":
-                self.state.record_dismissal(
-                    f["user_id"], f["feature"], epoch_seconds(f["timestamp"])
                 )
+            self.state.apply_events(used)
         self._log_buffer.extend(log_rows)
-        self._fb_buffer.extend(feedback)
         self._time("state_apply", t0)
         self.day += 1
+        _ = epoch_seconds  # (dismissals reach the state in _take_responses)
+
+    def _prewarm(self, user_ids: set[str], phase: str) -> None:
+        """Serve today from a copy of the production model whose score tables hold today's
+        requesting users as they are now (one batch), so a request never computes one user's
+        scores alone. Same bundle, same rankings (SERVE's fast path is exact); it only keeps
+        the simulation fast: SERVE's per-user refresh after a user's state changes costs tens
+        of ms, so the p99 latency measured here is that of warm tables."""
+        from featurerec.serving.loader import BundleModel
+
+        t0 = time.perf_counter()
+        rows = [self.state.row_of(u) for u in user_ids]
+        states = [self.state.user_state(r) for r in rows if r is not None]
+        names = {self.settings.serving.default_strategy}
+        if phase != "warmup":
+            names |= {v.resolved_strategy or self.settings.serving.default_strategy
+                      for v in self.spec.variants} | {"random"}  # fmt: skip
+        warm = sorted({self.model.strategy_name(n) for n in names})
+        daily = BundleModel(self.model.bundle, self.model.version, states, warm)
+        for svc in self.services.values():
+            svc.swap_model(daily)
+        self._time("prewarm", t0)
+
+    def _take_responses(self, responses: pa.Table) -> None:
+        """Impressions, clicks and dismissals of yesterday's recommendations -> the feedback
+        log (and dismissals -> the online state, as the feedback endpoint does)."""
+        from featurerec.serving.state import epoch_seconds
+
+        if responses.num_rows == 0:
+            return
+        r = responses.to_pydict()
+        fb = self._fb_buffer
+        for i, rid in enumerate(r["recommendation_id"]):
+            uid = r["user_id"][i]
+            fb.append({"feedback_id": f"{rid}:impression", "recommendation_id": rid,
+                       "user_id": uid, "kind": "impression", "timestamp": r["shown_at"][i]})  # fmt: skip
+            if r["clicked"][i]:
+                fb.append({"feedback_id": f"{rid}:click", "recommendation_id": rid,
+                           "user_id": uid, "kind": "click", "timestamp": r["click_at"][i]})  # fmt: skip
+            if r["dismissed"][i]:
+                fb.append({"feedback_id": f"{rid}:dismiss", "recommendation_id": rid,
+                           "user_id": uid, "kind": "dismiss", "timestamp": r["dismiss_at"][i]})  # fmt: skip
+                self.state.record_dismissal(uid, r["feature"][i], epoch_seconds(r["dismiss_at"][i]))
+        self.counts["clicks"] += int(sum(r["clicked"]))
+        self.counts["dismissals"] += int(sum(r["dismissed"]))
+        self.counts["induced_adoptions"] += int(sum(r["adopted"]))
 
     def flush(self) -> None:
         """Ingest buffered product events (INGEST's Ingestor, one batch) and write the
@@ -521,74 +512,13 @@ class OnlineExperiment:
         row = state.row_of(req.user_id)
         user, attrs, adopted = svc._user(state, req)[1:]
         k = svc.deployment.models.ranker.output_k
-        exclude, _ = svc.policy.exclude_mask(
-            attrs,
-            adopted,
-            state.exposure(row, epoch_seconds(svc.clock())),
-            epoch_seconds(svc.clock()),
-            k,
-        )
+        now = epoch_seconds(svc.clock())
+        exclude, _ = svc.policy.exclude_mask(attrs, adopted, state.exposure(row, now), now, k)
         mf = self.model.features
         if mf != state.features:
             index = {f: j for j, f in enumerate(state.features)}
             exclude = np.array([bool(exclude[index[f]]) if f in index else True for f in mf])
         return user, exclude
-
-    def _respond(self, served: _Served, rng: np.random.Generator) -> list[dict[str, Any]]:
-        """Sample impressions, clicks, dismissals and adoptions for the day's served items."""
-        n = len(served.user)
-        if n == 0:
-            return []
-        g = np.asarray(served.user)
-        item = np.asarray(served.item)
-        pl = np.asarray(served.placement)
-        ts = np.asarray(served.ts_us, dtype=np.int64)
-        util = np.zeros(n)
-        keep = np.zeros(n)
-        ok = item >= 0
-        for c, sim in enumerate(self.sims):
-            m = ok & (self.chunk_of_a[g] == c)
-            lu = self.local_of_a[g[m]]
-            util[m] = sim.utility[lu, item[m]]
-            keep[m] = sim.keep_p[lu, item[m]]
-        p_click, p_dismiss, p_ad_click, p_ad_view = self.response.probabilities(util, keep, pl)
-        clicked = ok & (rng.random(n) < p_click)
-        dismissed = ok & ~clicked & (rng.random(n) < p_dismiss)
-        adopt = ok & ~dismissed & (rng.random(n) < np.where(clicked, p_ad_click, p_ad_view))
-        click_delay = rng.exponential(120e6, n).astype(np.int64)  # ~2 minutes
-        adopt_delay = np.where(
-            clicked,
-            np.minimum(rng.exponential(0.5 * DAY_US, n), 7 * DAY_US - 1),
-            rng.random(n) * (7 * DAY_US - 1),
-        ).astype(np.int64)
-        out: list[dict[str, Any]] = []
-        for i in range(n):
-            rid, uid = served.rec_id[i], self.user_ids[int(g[i])]
-            t = self._dt(int(ts[i]))
-            out.append(
-                {"feedback_id": f"{rid}:impression", "recommendation_id": rid, "user_id": uid,
-                 "kind": "impression", "timestamp": t, "feature": None}
-            )  # fmt: skip
-            if clicked[i]:
-                out.append(
-                    {"feedback_id": f"{rid}:click", "recommendation_id": rid, "user_id": uid,
-                     "kind": "click", "timestamp": self._dt(int(ts[i] + click_delay[i])),
-                     "feature": None}
-                )  # fmt: skip
-            if dismissed[i]:
-                out.append(
-                    {"feedback_id": f"{rid}:dismiss", "recommendation_id": rid, "user_id": uid,
-                     "kind": "dismiss", "timestamp": self._dt(int(ts[i] + click_delay[i])),
-                     "feature": self.features[int(item[i])]}
-                )  # fmt: skip
-            if adopt[i]:
-                when = int(ts[i] + (click_delay[i] if clicked[i] else 0) + adopt_delay[i])
-                self.pending.setdefault(when // DAY_US, []).append((int(g[i]), int(item[i]), when))
-        self.counts["recommendations"] += n
-        self.counts["clicks"] += int(clicked.sum())
-        self.counts["dismissals"] += int(dismissed.sum())
-        self.counts["forced_adoptions"] += int(adopt.sum())
-        return out
 
     def _insert_log(self, log_rows: list[dict[str, Any]], feedback: list[dict[str, Any]]) -> None:
         from featurerec.serving.reclog import FEEDBACK_COLUMNS, RECLOG_COLUMNS, records_table
@@ -635,7 +565,20 @@ class OnlineExperiment:
             if (i + 1) % self.cfg.retrain_every_days == 0 and i + 1 < exp_days:
                 self._retrain()
         self.progress("reporting", total, total)
+        self.finish()
         return self._results(ope_before, t_all)
+
+    def finish(self) -> None:
+        """One more simulated day, so the last day's recommendations get their responses
+        (the report's as-of time is the end of that day)."""
+        t0 = time.perf_counter()
+        adv = self.ws.advance(1, self.exposures, seed=self.cfg.seed)
+        self.exposures = None
+        self._take_responses(adv.responses)
+        if adv.events.num_rows:
+            self._buffer.append(adv.events)
+        self.day += 1
+        self._time("world_step", t0)
 
     # ---------------------------------------------------------------------------------------
     def _ope_estimates(self) -> list[dict[str, Any]]:
@@ -651,7 +594,14 @@ class OnlineExperiment:
             "SELECT recommendation_id, clicked, adopted_7d, generated_at "
             "FROM ml.recommendation_feedback WHERE experiment IS NULL AND strategy <> 'random'"
         )
-        outcome = {r["recommendation_id"]: r for r in rows}
+        # yesterday's recommendations get their responses when the next day is simulated:
+        # leave them out, their clicks are not known yet
+        pending = (
+            set(self.exposures.column("recommendation_id").to_pylist())
+            if self.exposures is not None
+            else set()
+        )
+        outcome = {r["recommendation_id"]: r for r in rows if r["recommendation_id"] not in pending}
         complete_before = as_of - timedelta(days=7)
         eps = self.deployment.models.ranker.exploration_rate
         k = self.deployment.models.ranker.output_k
@@ -765,7 +715,7 @@ class OnlineExperiment:
         return OnlineResult(
             experiment=self.spec.name,
             config=self.cfg,
-            response_model=self.response.name,
+            response_model="featurerec.simulate.response.ResponseModel (SIM)",
             report=report,
             cold_start=cs,
             ope=ope,
