@@ -133,8 +133,10 @@ class DuckDBEngine:
 
     def scalar(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
         with self._lock:
-            row = self._run(sql, params).fetchone()
-            return None if row is None else row[0]
+            # fetchall, not fetchone: a partly read result keeps the connection busy and
+            # a later register_arrow() fails with "unfinished result".
+            rows = self._run(sql, params).fetchall()
+            return rows[0][0] if rows else None
 
     def table_exists(self, name: str) -> bool:
         schema, _, table = name.rpartition(".")
