@@ -199,13 +199,14 @@ def _open_binary(path: Path) -> BinaryIO:
 
 
 def iter_ndjson_blocks(
-    path: Path, block_bytes: int = NDJSON_BLOCK_BYTES, on_progress: ProgressHook | None = None
+    path: Path, block_bytes: int | None = None, on_progress: ProgressHook | None = None
 ) -> Iterator[tuple[pa.StringArray, np.ndarray]]:
     """Yield ``(lines, line_numbers)`` blocks of an NDJSON file, blank lines left out.
 
     Lines are zero-copy slices of one buffer per block (an Arrow string array built from
     the newline offsets), so splitting costs a numpy scan, not a Python loop.
     """
+    block_bytes = block_bytes or NDJSON_BLOCK_BYTES
     with _open_binary(path) as fh:
         raw_fh = fh.fileobj if isinstance(fh, gzip.GzipFile) else fh  # type: ignore[attr-defined]
         last_pos = 0
@@ -321,8 +322,8 @@ class Ingestor:
         cols = ", ".join(f'"{c}"' for c in EVENT_COLUMNS)
         try:
             with db.transaction():
-                done = db.scalar(
-                    "SELECT count(*) FROM ingest_batches WHERE batch_id = $id", {"id": batch_id}
+                done = _scalar(
+                    db, "SELECT count(*) FROM ingest_batches WHERE batch_id = $id", {"id": batch_id}
                 )
                 if done:
                     report.seconds = time.perf_counter() - t0
@@ -331,7 +332,8 @@ class Ingestor:
                 inserted = 0
                 if batch.events.num_rows:
                     inserted = int(
-                        db.scalar(
+                        _scalar(
+                            db,
                             f"INSERT INTO events ({cols}, source, received_at) "
                             f"SELECT {', '.join('b.' + c for c in cols.split(', '))}, $source, $now "
                             f"FROM {name} b ANTI JOIN events e ON e.event_id = b.event_id",
@@ -379,8 +381,10 @@ class Ingestor:
     def batch_committed(self, batch_id: str) -> bool:
         """Whether a batch with this id has been committed (idempotent re-loads)."""
         return bool(
-            self.engine.scalar(
-                "SELECT count(*) FROM ingest_batches WHERE batch_id = $id", {"id": batch_id}
+            _scalar(
+                self.engine,
+                "SELECT count(*) FROM ingest_batches WHERE batch_id = $id",
+                {"id": batch_id},
             )
         )
 
@@ -654,10 +658,11 @@ class Ingestor:
             with self.engine.transaction():
                 if batch_id is not None and self.batch_committed(batch_id):
                     return 0
-                n = self.engine.scalar(
+                n = _scalar(
+                    self.engine,
                     f'INSERT OR REPLACE INTO "{table}" ({col_sql}) '
                     f"SELECT {col_sql} FROM {name} "
-                    f"QUALIFY row_number() OVER (PARTITION BY {part} ORDER BY _fr_ord DESC) = 1"
+                    f"QUALIFY row_number() OVER (PARTITION BY {part} ORDER BY _fr_ord DESC) = 1",
                 )
                 if batch_id is not None:
                     done = IngestReport(accepted=int(n or 0))
@@ -681,8 +686,9 @@ class Ingestor:
         self.engine.register_arrow(name, keys.select(list(key_cols)))
         try:
             with self.engine.transaction():
-                n = self.engine.scalar(
-                    f'DELETE FROM "{table}" t WHERE EXISTS (SELECT 1 FROM {name} k WHERE {cond})'
+                n = _scalar(
+                    self.engine,
+                    f'DELETE FROM "{table}" t WHERE EXISTS (SELECT 1 FROM {name} k WHERE {cond})',
                 )
         finally:
             self.engine.unregister(name)
@@ -712,6 +718,13 @@ class PlannedInput:
     path: Path
     table: str | None = None
     world: Path | None = None
+
+
+def _scalar(engine: DuckDBEngine, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+    """First value of the first row, with the result read to the end (DuckDB keeps a
+    connection busy while a result is partly fetched)."""
+    rows = engine.query_rows(sql, params)
+    return next(iter(rows[0].values())) if rows else None
 
 
 def _known_format(path: Path) -> bool:
