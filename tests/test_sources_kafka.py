@@ -3,12 +3,14 @@ started by the test (``test.mock.num.brokers``), its address from ``list_topics(
 
 from __future__ import annotations
 
+import ctypes
+import glob
 import os
 import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import confluent_kafka as ck
@@ -29,11 +31,71 @@ TOPIC_B = "segment.cloudflow.events.mobile"
 OTHER = "billing.invoices"
 
 
+#: Consumer settings matching the mock cluster in use (set by the ``broker`` fixture).
+GROUP_CONF: dict[str, str] = {}
+
+
+def _mock_cluster_ctypes() -> tuple[str, Callable[[], None]] | None:
+    """librdkafka's mock cluster through its C API, with the group's initial rebalance delay
+    (3 s by default) set to 0 so each consumer-group join takes milliseconds, not seconds.
+    None when the bundled library does not export the mock API."""
+    libs = glob.glob(
+        os.path.join(os.path.dirname(ck.__file__), "..", "confluent_kafka.libs", "librdkafka*.so*")
+    )
+    if not libs:
+        return None
+    try:
+        lib = ctypes.CDLL(libs[0])
+        lib.rd_kafka_conf_new.restype = ctypes.c_void_p
+        lib.rd_kafka_new.restype = ctypes.c_void_p
+        lib.rd_kafka_new.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+        ]
+        lib.rd_kafka_mock_cluster_new.restype = ctypes.c_void_p
+        lib.rd_kafka_mock_cluster_new.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.rd_kafka_mock_cluster_bootstraps.restype = ctypes.c_char_p
+        lib.rd_kafka_mock_cluster_bootstraps.argtypes = [ctypes.c_void_p]
+        lib.rd_kafka_mock_group_initial_rebalance_delay_ms.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int32,
+        ]
+        lib.rd_kafka_mock_cluster_destroy.argtypes = [ctypes.c_void_p]
+        lib.rd_kafka_destroy.argtypes = [ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return None
+    err = ctypes.create_string_buffer(512)
+    rk = lib.rd_kafka_new(0, lib.rd_kafka_conf_new(), err, 512)
+    if not rk:
+        return None
+    mc = lib.rd_kafka_mock_cluster_new(rk, 1)
+    lib.rd_kafka_mock_group_initial_rebalance_delay_ms(mc, 0)
+    bootstrap = lib.rd_kafka_mock_cluster_bootstraps(mc).decode()
+
+    def close() -> None:
+        lib.rd_kafka_mock_cluster_destroy(mc)
+        lib.rd_kafka_destroy(rk)
+
+    return bootstrap, close
+
+
 @pytest.fixture(scope="module")
 def broker() -> Iterator[str]:
-    """A mock Kafka cluster living as long as its owning producer."""
+    """A mock Kafka cluster (a real Kafka-protocol broker on loopback) for this module."""
+    fast = _mock_cluster_ctypes()
+    if fast is not None:
+        bootstrap, close = fast
+        # no rebalance delay: short sessions let a restarted member rejoin at once
+        GROUP_CONF.update({"session.timeout.ms": "1500", "heartbeat.interval.ms": "200"})
+        yield bootstrap
+        close()
+        return
+    # the documented way: a client with test.mock.num.brokers owns the mock cluster
     owner = ck.Producer({"test.mock.num.brokers": 1, "log_level": 0})
     md = owner.list_topics(timeout=10)
+    GROUP_CONF.update({"session.timeout.ms": "6000", "heartbeat.interval.ms": "500"})
     yield ",".join(f"{b.host}:{b.port}" for b in md.brokers.values())
     owner.flush(1)
 
@@ -85,13 +147,7 @@ def _ingest(
         bootstrap_servers=bootstrap,
         group_id=group,
         batch_timeout_seconds=0.5,
-        # a short session lets a restarted member rejoin the mock cluster's group quickly
-        config={
-            "topic.metadata.refresh.interval.ms": "500",
-            "session.timeout.ms": "6000",
-            "heartbeat.interval.ms": "500",
-            "log_level": "0",
-        },
+        config={"topic.metadata.refresh.interval.ms": "500", "log_level": "0", **GROUP_CONF},
         **opts,
     )
     return KafkaIngest("kafka_main", options, settings, writer)
@@ -247,7 +303,43 @@ def test_broker_down_is_reported_not_a_crash(settings: Settings) -> None:
 
 
 def test_topic_pattern_glob_to_regex() -> None:
-    assert topic_regex("segment.cloudflow.events.*") == r"^segment\.cloudflow\.events\..*"
+    assert topic_regex("segment.cloudflow.events.*") == r"^segment\.cloudflow\.events\..*$"
+    assert topic_regex("a.b") == r"^a\.b$"
     assert topic_regex(r"^segment\.x\..*") == r"^segment\.x\..*"
     with pytest.raises(DataError, match="not a valid regex"):
         topic_regex("^(unclosed")
+
+
+def test_cli_sources_kafka_into_warehouse(tmp_path: Any, broker: str) -> None:
+    from typer.testing import CliRunner
+
+    from featurerec.cli import app
+
+    topic = "segment.cloudflow.events.cli"
+    _produce(broker, [(topic, _event(i)) for i in range(40)] + [(topic, b"oops")])
+    data = tmp_path / "data"
+    res = CliRunner().invoke(
+        app,
+        [
+            "--data-dir",
+            str(data),
+            "sources",
+            "kafka",
+            "-b",
+            broker,
+            "--topic-pattern",
+            topic,
+            "--group",
+            "g-cli",
+            "--sink",
+            "warehouse",
+            "--idle-timeout",
+            "1.5",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    out = orjson.loads(res.stdout)
+    assert out["consumed"] == 41 and out["accepted"] == 40 and out["quarantined"] == 1
+    settings = Settings.model_validate({"data_dir": str(data)})
+    with DuckDBEngine(settings.warehouse_path, read_only=True) as db:
+        assert db.query_rows("SELECT count(*) AS n FROM events")[0]["n"] == 40

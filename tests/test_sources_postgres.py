@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 
@@ -338,3 +339,31 @@ def test_pgoutput_decoder_details() -> None:
         decode_message(b"B\x00\x00")
     with contextlib.suppress(DataError):
         decode_message(b"Izzzz")
+
+
+def test_cli_sync_once_runs_cdc_from_config(tmp_path: Path, product_db: str) -> None:
+    from typer.testing import CliRunner
+
+    from featurerec.cli import app
+
+    cfg = tmp_path / "featurerec.toml"
+    cfg.write_text(
+        f'data_dir = "{tmp_path / "data"}"\n'
+        "[sources.product_pg]\n"
+        'kind = "postgres_cdc"\n'
+        f'options = {{ dsn = "{product_db}", slot = "cli_slot", publication = "cli_pub" }}\n'
+    )
+    runner = CliRunner()
+    res = runner.invoke(app, ["--config", str(cfg), "sources", "sync", "--once", "--json"])
+    assert res.exit_code == 0, res.output
+    out = orjson.loads(res.stdout)[0]
+    assert out["ok"] and out["summary"]["snapshot"] is True
+    assert out["summary"]["upserts"]["users"] == 2
+    _exec(product_db, "DELETE FROM users WHERE user_id = 'u1'")
+    res = runner.invoke(app, ["--config", str(cfg), "sources", "sync", "--once", "--json"])
+    assert orjson.loads(res.stdout)[0]["summary"]["deletes"] == {"users": 1}
+    res = runner.invoke(app, ["--config", str(cfg), "sources", "status", "--json"])
+    row = orjson.loads(res.stdout)[0]
+    assert (
+        row["position"]["lsn"] and row["counts"]["upserts"] == 6 and row["counts"]["deletes"] == 1
+    )

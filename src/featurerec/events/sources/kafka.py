@@ -3,7 +3,7 @@ one append path, with at-least-once delivery and dedupe (an exactly-once effect)
 
 * **Subscription**: a regex over topic names (librdkafka: a pattern starts with ``^``). The
   spec's ``segment.cloudflow.events.*`` is a glob: :func:`topic_regex` turns it into
-  ``^segment\\.cloudflow\\.events\\..*``; a pattern that already starts with ``^`` is kept.
+  ``^segment\\.cloudflow\\.events\\..*$``; a pattern that already starts with ``^`` is kept.
   New matching topics are picked up on metadata refresh.
 * **Consumer group** ``group_id`` (spec: ``matih-recommender-ingestion``), auto commit off.
 * **Deserialization**: JSON. ``format = "spec"`` takes the spec's event shape through the
@@ -86,7 +86,7 @@ def topic_regex(pattern: str) -> str:
     if pattern.startswith("^"):
         regex = pattern
     else:
-        regex = "^" + ".*".join(re.escape(part) for part in pattern.split("*"))
+        regex = "^" + ".*".join(re.escape(part) for part in pattern.split("*")) + "$"
     try:
         re.compile(regex)
     except re.error as exc:
