@@ -93,6 +93,23 @@ def build_fixture_world(data: Path, n_users: int) -> None:
     print(f"bundle trained and promoted in {time.time() - t0:.1f}s", flush=True)
 
 
+def fsync_latency(directory: Path, n: int = 200) -> dict[str, float]:
+    """p50 / p99 of append + fsync of a 1 KB line on the data disk (the rec log's floor)."""
+    path = directory / "fsync_probe.jsonl"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    times = []
+    try:
+        for _ in range(n):
+            os.write(fd, b"x" * 1023 + b"\n")
+            t = time.perf_counter()
+            os.fsync(fd)
+            times.append((time.perf_counter() - t) * 1000)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99))}
+
+
 def user_ids(data: Path, n: int = 5000) -> list[str]:
     from featurerec.config import Settings
     from featurerec.registry import registry_for
@@ -213,6 +230,7 @@ def main() -> None:
         readyz = ready.json()
         print(f"server ready in {startup_s:.1f}s: {readyz}", flush=True)
         rss_start = psutil.Process(proc.pid).memory_info().rss
+        fsync_before = fsync_latency(data)
         # warm-up
         wrk(url, script(tmp, "warm", "/api/v1/recommendations?user_id=", ids, 5), 4, 3)
         results = {
@@ -221,6 +239,7 @@ def main() -> None:
             "max_qps_p99_le_100ms": max_qps(url, tmp, ids, max(5, args.seconds // 2)),
         }
         rss_end = psutil.Process(proc.pid).memory_info().rss
+        fsync_after = fsync_latency(data)
         sample = httpx.get(f"{url}/api/v1/recommendations", params={"user_id": ids[0]}).json()
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -254,6 +273,8 @@ def main() -> None:
             "platform": platform.platform(),
             "python": platform.python_version(),
             "loadavg": os.getloadavg(),
+            "fsync_ms_before_runs": fsync_before,
+            "fsync_ms_after_runs": fsync_after,
         },
         "setup": {
             "load_generator": "wrk 1 thread, loopback; paced runs use delay() per connection",

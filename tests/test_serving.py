@@ -420,3 +420,18 @@ def test_experiment_variant_sets_strategy_and_placement(world: Settings) -> None
         else:  # this user's arm shows recommendations elsewhere, never in the sidebar
             assert res.recommendations == [] and res.variant == arm
     rt.close()
+
+
+def test_cli_export_state_registers_snapshot(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from featurerec.cli import app
+
+    settings = Settings.model_validate({"data_dir": str(tmp_path / "d")})
+    with DuckDBEngine(settings.warehouse_path) as engine:
+        fill_fixture_warehouse(engine, n_users=50, seed=9)
+    r = CliRunner().invoke(app, ["--data-dir", str(settings.data_path), "serving", "export-state"])
+    assert r.exit_code == 0, r.output
+    mv = registry_for(settings).resolve("state:/feature-recommender-online/latest")
+    snap = OnlineSnapshot.load(mv.path)
+    assert snap.n_users == 50 and snap.as_of <= FIXTURE_AS_OF
