@@ -3,7 +3,7 @@
 The HTTP server cannot write the warehouse (DuckDB has one writer), so a
 :class:`~featurerec.events.sources.common.TraitsUpdate` is made durable here first, like event
 batches in ``events.landing``: one Parquet file per update under
-``<data_dir>/landing/traits/``, written to a temp name, fsynced and renamed.
+``<data_dir>/sources/traits-landing/``, written to a temp name, fsynced and renamed.
 :meth:`TraitsLanding.drain` (run by ``featurerec sources sync``) applies the files in arrival
 order through :func:`apply_traits` (``Ingestor.upsert_rows`` after merging with the stored
 users), then removes them. Applying a file twice gives the same users (a merge is
@@ -50,7 +50,7 @@ class TraitsLanding:
 
     @classmethod
     def for_settings(cls, settings: Settings) -> TraitsLanding:
-        return cls(settings.data_path / "landing" / "traits")
+        return cls(settings.data_path / "sources" / "traits-landing")
 
     def write(self, update: TraitsUpdate) -> Path:
         """Store ``update`` durably; returns the file (the receipt)."""
