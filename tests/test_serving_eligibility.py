@@ -50,7 +50,7 @@ ages = st.lists(
 mask = st.lists(st.booleans(), min_size=len(FEATURES), max_size=len(FEATURES))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     flags=flags_st,
     user=user_st,

@@ -53,7 +53,7 @@ def test_fast_path_equals_strategy_recommend(fixture, name: str) -> None:
     rng = np.random.default_rng(0)
     m = len(bundle.features)
     assert fast.features == bundle.features == state.features
-    for i, user in enumerate(users[:50]):
+    for i, user in enumerate(users[:25]):
         exclude = rng.random(m) < 0.3
         exclude |= state.adopted[i]
         k = int(rng.integers(1, 4))
