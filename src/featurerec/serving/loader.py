@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,7 @@ class BundleModel:
         self,
         bundle: Any,
         version: str,
-        users: Sequence[UserState] | None = None,
+        users: Sequence[UserState] | Callable[[], Sequence[UserState]] | None = None,
         warm: Sequence[str] = (),
         batch: int = 8192,
     ) -> None:
@@ -114,7 +114,11 @@ class BundleModel:
         self._available = set(bundle.available())
         self._tables: dict[str, _ScoreTable] = {}
         self._lock = threading.Lock()
-        self._users = list(users or [])
+        #: The users whose results are precomputed per strategy: a list, or a callable that
+        #: rebuilds it (so the server does not keep 72k UserState objects alive).
+        self._users: Sequence[UserState] | Callable[[], Sequence[UserState]] = (
+            users if callable(users) else list(users or [])
+        )
         self._batch = batch
         for name in warm:
             self._table(self.strategy_name(name))
@@ -163,7 +167,7 @@ class BundleModel:
             if table is not None:
                 return table
             table = _ScoreTable(self.n_items)
-            users = self._users
+            users = self._users() if callable(self._users) else self._users
             parts = [
                 self.full_results(name, users[s : s + self._batch])
                 for s in range(0, len(users), self._batch)
@@ -273,7 +277,10 @@ def load_model(
     if mf is not None:
         parts.insert(0, f"{mf.name}@{mf.version}")
     try:
-        return BundleModel(bundle, f"{deployment.name}:{'+'.join(parts)}", users, warm)
+        model = BundleModel(bundle, f"{deployment.name}:{'+'.join(parts)}", users, warm)
+        if state is not None:  # later strategies rebuild the user list on demand
+            model._users = state.all_user_states
+        return model
     except ModelError:
         raise
     except Exception as exc:
