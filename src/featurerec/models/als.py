@@ -71,6 +71,7 @@ class ALSScorer:
         self.space = ItemSpace([])
         self.item_factors = np.zeros((0, self.params.factors), dtype=np.float32)
         self._model: object | None = None
+        self._yty: np.ndarray | None = None
 
     def _new_model(self) -> object:
         from implicit.cpu.als import AlternatingLeastSquares
@@ -97,6 +98,7 @@ class ALSScorer:
             model.fit(_confidence(data.matrix, self.params.alpha), show_progress=False)  # type: ignore[attr-defined]
         self.item_factors = np.ascontiguousarray(model.item_factors, dtype=np.float32)  # type: ignore[attr-defined]
         self._model = model
+        self._yty = None
         return self
 
     @property
@@ -108,18 +110,36 @@ class ALSScorer:
             self._model = model
         return self._model
 
+    #: Batches up to this size are solved in numpy (no thread start-up: what a single
+    #: serving request needs); larger ones go to implicit's parallel solver.
+    small_batch: int = 256
+
     def user_factors(self, users: Sequence[UserState]) -> np.ndarray:
         """(n_users, factors) from each user's interactions; zero for users with none."""
         m = interactions_csr(users, self.space)
         if len(users) == 0:
             return np.zeros((0, self.params.factors), dtype=np.float32)
-        with threadpool_limits(1, "blas"):
-            f = self.model.recalculate_user(  # type: ignore[attr-defined]
-                np.arange(len(users)), _confidence(m, self.params.alpha)
-            )
+        conf = _confidence(m, self.params.alpha)
+        if len(users) <= self.small_batch:
+            f = self._solve_small(conf)
+        else:
+            f = self.model.recalculate_user(np.arange(len(users)), conf)  # type: ignore[attr-defined]
         f = np.asarray(f, dtype=np.float32).reshape(len(users), -1)
         f[np.diff(m.indptr) == 0] = 0.0
         return f
+
+    def _solve_small(self, conf: sp.csr_matrix) -> np.ndarray:
+        """The same least-squares step as implicit's ``recalculate_user`` (Hu et al.):
+        ``(Y'Y + Y'(C_u - I)Y + reg I) x_u = Y' C_u p_u``, batched with numpy."""
+        Y = self.item_factors.astype(np.float64)
+        if self._yty is None:
+            self._yty = Y.T @ Y + self.params.regularization * np.eye(Y.shape[1])
+        c = np.asarray(conf.todense(), dtype=np.float64)  # (n, items), 0 = unobserved
+        observed = c > 0
+        w = np.where(observed, c - 1.0, 0.0)
+        A = self._yty[None] + np.einsum("ni,if,ig->nfg", w, Y, Y, optimize=True)
+        b = np.where(observed, c, 0.0) @ Y
+        return np.linalg.solve(A, b[..., None])[..., 0]
 
     def score(self, users: Sequence[UserState]) -> np.ndarray:
         return (self.user_factors(users) @ self.item_factors.T).astype(np.float32)

@@ -49,6 +49,7 @@ DEFAULT_ALS_GRID: tuple[ALSParams, ...] = (
     ALSParams(16, 5.0, 15, 40.0),
 )
 TRANSITION_WEIGHTS = (0.0, 0.15, 0.3, 0.5)
+CONTENT_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 Progress = Callable[[float, float, str], None]
 
@@ -64,6 +65,7 @@ class TrainConfig:
     cold_start_max_events: int = 5
     n_candidates: int = 20
     transition_weight: float | None = None
+    content_weight: float | None = None
     sequence_decay: float = 0.5
     #: Cap on users used for the search and the warm start (sampled, seeded).
     max_validation_users: int = 50_000
@@ -89,6 +91,8 @@ class TrainReport:
     search: list[dict[str, Any]] = field(default_factory=list)
     transition_weight: float = 0.0
     transition_search: list[dict[str, float]] = field(default_factory=list)
+    content_weight: float = 0.0
+    content_search: list[dict[str, float]] = field(default_factory=list)
     warm_start_rows: int = 0
     validation_users: int = 0
 
@@ -265,20 +269,28 @@ def fit_upstream(data: TrainingData, als_params: ALSParams, config: TrainConfig)
     )
 
 
-def _pick_transition_weight(
-    bundle: ModelBundle, states: list[UserState], excl: np.ndarray, targets: np.ndarray
+def _pick_weight(
+    bundle: ModelBundle,
+    field_name: str,
+    strategy: str,
+    grid: Sequence[float],
+    states: list[UserState],
+    excl: np.ndarray,
+    targets: np.ndarray,
 ) -> tuple[float, list[dict[str, float]]]:
+    """Pick a blend weight of the candidate score by ndcg@5 on the validation window
+    (ties: the smaller weight)."""
     table = []
     best = (-1.0, 0.0)
-    for w in TRANSITION_WEIGHTS:
-        bundle.config = replace(bundle.config, transition_weight=w)
-        s = bundle.strategy("sequence_aware") if "sequence_aware" in bundle.available() else None
-        if s is None:
+    for w in grid:
+        bundle.config = replace(bundle.config, **{field_name: w})  # type: ignore[arg-type]
+        if strategy not in bundle.available():
             break
-        score = _ndcg(s.full_scores(states), excl, targets)
-        table.append({"transition_weight": w, "ndcg@5": round(score, 4)})
+        score = _ndcg(bundle.strategy(strategy).full_scores(states), excl, targets)
+        table.append({field_name: w, "ndcg@5": round(score, 4)})
         if score > best[0] + 1e-9:
             best = (score, w)
+    bundle.config = replace(bundle.config, **{field_name: best[1]})  # type: ignore[arg-type]
     return best[1], table
 
 
@@ -339,13 +351,32 @@ def train_bundle(
             )
         rows = _sample_rows(split.eval_rows, config.max_validation_users, config.seed)
         report.validation_users = len(rows)
-        if tw is None:
-            from featurerec.models.common import adopted_mask
+        from featurerec.models.common import adopted_mask
 
-            states = split.pre.user_states([split.pre.users[i] for i in rows])
-            excl = adopted_mask(states, pre_bundle.space)
-            tw, report.transition_search = _pick_transition_weight(
-                pre_bundle, states, excl, split.targets[rows]
+        states = split.pre.user_states([split.pre.users[i] for i in rows])
+        excl = adopted_mask(states, pre_bundle.space)
+        cw = config.content_weight
+        if cw is None:
+            cw, report.content_search = _pick_weight(
+                pre_bundle,
+                "content_weight",
+                "hybrid",
+                CONTENT_WEIGHTS,
+                states,
+                excl,
+                split.targets[rows],
+            )
+        pre_bundle.config = replace(pre_bundle.config, content_weight=cw)
+        report.content_weight = cw
+        if tw is None:
+            tw, report.transition_search = _pick_weight(
+                pre_bundle,
+                "transition_weight",
+                "sequence_aware",
+                TRANSITION_WEIGHTS,
+                states,
+                excl,
+                split.targets[rows],
             )
         pre_bundle.config = replace(pre_bundle.config, transition_weight=tw)
         report.warm_start_rows = warm_start_bandits(
@@ -354,6 +385,7 @@ def train_bundle(
     tw = 0.3 if tw is None else tw
     report.transition_weight = tw
     bundle = fit_upstream(data, als_params, replace(config, transition_weight=tw))
+    bundle.config = replace(bundle.config, content_weight=report.content_weight)
     if pre_bundle is not None:
         bundle.bandits = pre_bundle.bandits
     else:

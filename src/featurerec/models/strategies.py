@@ -9,9 +9,11 @@ name                  candidates (stage 1)                                      
 ``collaborative_only``  ALS scores ``u . v`` (index search)                       by score
 ``content_based``     context model: adoption rate given role / team / plan /      by score
                       industry, shrunk to the global rate
-``hybrid``            ALS top ``n_candidates`` (20) via the index; cold-start      bandit
-                      users (< ``cold_start_max_events`` events) get context-
-                      model candidates
+``hybrid``            ALS top ``n_candidates`` (20) via the index, scored by ALS   bandit
+                      blended with the context model (weight picked on a
+                      validation window); cold-start users (<
+                      ``cold_start_max_events`` events) get context-model
+                      candidates
 ``sequence_aware``    hybrid candidates, score blended with transition            bandit
                       probabilities from the user's recent features
 ``popularity``        share of users who use the feature                          by score
@@ -95,11 +97,18 @@ class BundleConfig:
     n_candidates: int = 20
     #: sequence_aware: weight of the transition percentile in the candidate score.
     transition_weight: float = 0.3
+    #: hybrid / sequence_aware, warm users: weight of the context-model percentile blended
+    #: with the ALS percentile (collaborative + content-based), picked on validation.
+    content_weight: float = 0.0
     #: Exploration for strategies without a bandit (the bandit's own decays).
     exploration_rate: float = 0.1
     version: str = ""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.content_weight <= 1:
+            raise ModelError(
+                f"bundle: content_weight must be in [0, 1] (got {self.content_weight})"
+            )
         if not 0 <= self.transition_weight <= 1:
             raise ModelError(
                 f"bundle: transition_weight must be in [0, 1] (got {self.transition_weight})"
@@ -258,8 +267,49 @@ def load_bundle(
     )
 
 
+class ScoreCache:
+    """Component scores of one batch of users, each computed at most once.
+
+    ``recommend`` makes one and hands it to ``candidates`` and ``rank``; callers that call
+    those two themselves may pass ``cache=strategy.cache(users)`` to both (optional)."""
+
+    def __init__(self, bundle: ModelBundle, users: Sequence[UserState]) -> None:
+        self.bundle = bundle
+        self.users = users
+        self._c: dict[str, np.ndarray] = {}
+
+    def get(self, name: str) -> np.ndarray:
+        """``als`` / ``context`` / ``sequence`` (0..1 percentiles), ``context_raw``,
+        ``sequence_raw``, ``popularity``, ``random``: (n, n_items)."""
+        if name not in self._c:
+            b, u = self.bundle, self.users
+            if name == "als":
+                assert b.als is not None
+                out = b.calibrated("als", b.als.score(u))
+            elif name == "context_raw":
+                out = b.context.score(u)
+            elif name == "context":
+                out = b.calibrated("context", self.get("context_raw"))
+            elif name == "sequence_raw":
+                assert b.sequence is not None
+                out = b.sequence.score(u)
+            elif name == "sequence":
+                out = b.calibrated("sequence", self.get("sequence_raw"))
+            elif name == "popularity":
+                out = b.popularity.score(u)
+            elif name == "random":
+                out = b.random.score(u)
+            else:
+                raise KeyError(name)
+            self._c[name] = out
+        return self._c[name]
+
+
 class Strategy:
     """One named strategy over a bundle (cheap to create; holds no per-request state)."""
+
+    def cache(self, users: Sequence[UserState]) -> ScoreCache:
+        return ScoreCache(self.bundle, users)
 
     def __init__(self, name: str, bundle: ModelBundle) -> None:
         self.name = name
@@ -277,41 +327,43 @@ class Strategy:
             )
         return exclude
 
-    def full_scores(self, users: Sequence[UserState]) -> np.ndarray:
+    def full_scores(
+        self, users: Sequence[UserState], cache: ScoreCache | None = None
+    ) -> np.ndarray:
         """(n, n_items) candidate-stage scores in 0..1 for every item (no exclusion)."""
         b = self.bundle
-        n = len(users)
-        if self.name == "popularity":
-            return b.popularity.score(users)
-        if self.name == "random":
-            return b.random.score(users)
+        c = cache or self.cache(users)
+        if self.name in ("popularity", "random"):
+            return c.get(self.name)
         if self.name == "content_based":
-            return b.context.score(users)
+            return c.get("context_raw")
         assert b.als is not None
-        collab = b.calibrated("als", b.als.score(users))
+        collab = c.get("als")
         # users with no usable interactions: ALS has nothing; order them by popularity
         no_hist = np.asarray(
             [not any(f in b.space.index for f in u.interactions) for u in users], dtype=bool
-        ).reshape(n)
-        collab = np.where(no_hist[:, None], b.popularity.score(users), collab)
+        ).reshape(len(users))
+        if no_hist.any():
+            collab = np.where(no_hist[:, None], c.get("popularity"), collab)
         if self.name == "collaborative_only":
             return collab.astype(np.float32)
+        cw = b.config.content_weight
+        if cw > 0:
+            collab = (1 - cw) * collab + cw * c.get("context")
         cold = b.cold(users)
-        upstream = collab
-        if cold.any():
-            ctx = b.calibrated(
-                "context", b.context.score([u for u, c in zip(users, cold, strict=True) if c])
-            )
-            upstream = upstream.copy()
-            upstream[cold] = ctx
+        upstream = np.where(cold[:, None], c.get("context"), collab) if cold.any() else collab
         if self.name == "sequence_aware" and b.sequence is not None:
             w = b.config.transition_weight
-            seq = b.calibrated("sequence", b.sequence.score(users))
-            upstream = (1 - w) * upstream + w * seq
-        return upstream.astype(np.float32)
+            upstream = (1 - w) * upstream + w * c.get("sequence")
+        return np.asarray(upstream, dtype=np.float32)
 
     def candidates(
-        self, users: Sequence[UserState], k: int, exclude: np.ndarray | None = None
+        self,
+        users: Sequence[UserState],
+        k: int,
+        exclude: np.ndarray | None = None,
+        *,
+        cache: ScoreCache | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` candidate ids and 0..1 scores per user; never an excluded item."""
         if k <= 0:
@@ -321,12 +373,16 @@ class Strategy:
         if self.name in ("collaborative_only", "hybrid", "sequence_aware") and (
             b.index is not None and b.als is not None and isinstance(b.index, HNSWIndex)
         ):
-            return self._index_candidates(users, k, exclude)
-        ids, vals = top_k(self.full_scores(users), k, exclude)
+            return self._index_candidates(users, k, exclude, cache)
+        ids, vals = top_k(self.full_scores(users, cache), k, exclude)
         return ids.astype(np.int64), vals.astype(np.float32)
 
     def _index_candidates(
-        self, users: Sequence[UserState], k: int, exclude: np.ndarray
+        self,
+        users: Sequence[UserState],
+        k: int,
+        exclude: np.ndarray,
+        cache: ScoreCache | None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Large catalogs: ANN retrieval of ALS candidates, then this strategy's scores on
         them (cold users and users without history are scored over every item)."""
@@ -335,7 +391,7 @@ class Strategy:
         n = len(users)
         uf = b.als.user_factors(users)
         cand, _ = b.index.search(uf, max(k, b.config.n_candidates), exclude)
-        full = self.full_scores(users)
+        full = self.full_scores(users, cache)
         safe = np.maximum(cand, 0)
         vals = np.where(cand >= 0, np.take_along_axis(full, safe, axis=1), -np.inf)
         no_factors = np.asarray(~uf.any(axis=1), dtype=bool)
@@ -362,8 +418,11 @@ class Strategy:
         k: int,
         rng: np.random.Generator | None = None,
         explore: bool = True,
+        *,
+        cache: ScoreCache | None = None,
     ) -> Ranked:
         """Order candidates and pick ``k`` (see the module docstring for the contract)."""
+        cache = cache or self.cache(users)
         if k <= 0:
             raise ModelError(f"rank: k must be > 0 (got {k})")
         cand_ids = np.asarray(cand_ids, dtype=np.int64)
@@ -383,7 +442,9 @@ class Strategy:
         bandit = self.bundle.bandits.get(self.name)
         if bandit is not None:
             greedy = bandit.predict(
-                users, cand_ids, self.signals(users, cand_ids, np.where(valid, cand_scores, 0.0))
+                users,
+                cand_ids,
+                self.signals(users, cand_ids, np.where(valid, cand_scores, 0.0), cache=cache),
             )
         else:
             greedy = cand_scores
@@ -402,7 +463,7 @@ class Strategy:
         else:
             shown = np.take_along_axis(cand_scores, safe, axis=1)
         scores = np.where(cols >= 0, np.clip(np.nan_to_num(shown, neginf=0.0), 0, 1), 0.0)
-        components = self.components(users, ids)
+        components = self.components(users, ids, cache=cache)
         if bandit is not None:
             components["bandit"] = np.where(cols >= 0, scores, np.nan)
         trans_from = None
@@ -418,12 +479,16 @@ class Strategy:
         )
 
     def signals(
-        self, users: Sequence[UserState], cand_ids: np.ndarray, cand_scores: np.ndarray
+        self,
+        users: Sequence[UserState],
+        cand_ids: np.ndarray,
+        cand_scores: np.ndarray,
+        *,
+        cache: ScoreCache | None = None,
     ) -> np.ndarray:
         """(n, c, 2) bandit inputs per candidate: the candidate score and the context
         model's percentile (a shared, shrunk estimate of fit for the user's segment)."""
-        b = self.bundle
-        ctx = b.calibrated("context", b.context.score(users))
+        ctx = (cache or self.cache(users)).get("context")
         safe = np.maximum(cand_ids, 0)
         ctx_c = np.where(cand_ids >= 0, np.take_along_axis(ctx, safe, axis=1), 0.0)
         return np.stack([np.asarray(cand_scores, dtype=np.float64), ctx_c], axis=2)
@@ -438,12 +503,16 @@ class Strategy:
     ) -> Ranked:
         """Candidates (``config.n_candidates``) then rank."""
         n_cand = max(k, self.bundle.config.n_candidates)
-        ids, scores = self.candidates(users, n_cand, exclude)
-        return self.rank(users, ids, scores, k, rng, explore)
+        cache = self.cache(users)
+        ids, scores = self.candidates(users, n_cand, exclude, cache=cache)
+        return self.rank(users, ids, scores, k, rng, explore, cache=cache)
 
-    def components(self, users: Sequence[UserState], ids: np.ndarray) -> dict[str, np.ndarray]:
+    def components(
+        self, users: Sequence[UserState], ids: np.ndarray, *, cache: ScoreCache | None = None
+    ) -> dict[str, np.ndarray]:
         """Per-item signals for the given ids (n, k): see the module docstring."""
         b = self.bundle
+        c = cache or self.cache(users)
         safe = np.maximum(ids, 0)
         pad = ids < 0
 
@@ -451,13 +520,13 @@ class Strategy:
             return np.where(pad, np.nan, np.take_along_axis(m, safe, axis=1))
 
         out: dict[str, np.ndarray] = {
-            "context": gather(b.context.score(users)),
-            "popularity": gather(b.popularity.score(users)),
+            "context": gather(c.get("context_raw")),
+            "popularity": gather(c.get("popularity")),
         }
         if b.als is not None:
-            out["collaborative"] = gather(b.calibrated("als", b.als.score(users)))
+            out["collaborative"] = gather(c.get("als"))
         if b.sequence is not None:
-            out["transition"] = gather(b.sequence.score(users))
+            out["transition"] = gather(c.get("sequence_raw"))
         return out
 
 
