@@ -310,7 +310,9 @@ def test_topic_pattern_glob_to_regex() -> None:
         topic_regex("^(unclosed")
 
 
-def test_cli_sources_kafka_into_warehouse(tmp_path: Any, broker: str) -> None:
+def test_cli_sources_kafka_lands_then_sync_drains(tmp_path: Any, broker: str) -> None:
+    """``sources kafka`` (default landing sink: this process does not own the warehouse),
+    then ``sources sync --once`` loads the landing into the warehouse."""
     from typer.testing import CliRunner
 
     from featurerec.cli import app
@@ -318,7 +320,8 @@ def test_cli_sources_kafka_into_warehouse(tmp_path: Any, broker: str) -> None:
     topic = "segment.cloudflow.events.cli"
     _produce(broker, [(topic, _event(i)) for i in range(40)] + [(topic, b"oops")])
     data = tmp_path / "data"
-    res = CliRunner().invoke(
+    runner = CliRunner()
+    res = runner.invoke(
         app,
         [
             "--data-dir",
@@ -331,15 +334,32 @@ def test_cli_sources_kafka_into_warehouse(tmp_path: Any, broker: str) -> None:
             topic,
             "--group",
             "g-cli",
-            "--sink",
-            "warehouse",
             "--idle-timeout",
             "1.5",
+            *[a for k, v in GROUP_CONF.items() for a in ("-X", f"{k}={v}")],
         ],
     )
     assert res.exit_code == 0, res.output
     out = orjson.loads(res.stdout)
     assert out["consumed"] == 41 and out["accepted"] == 40 and out["quarantined"] == 1
     settings = Settings.model_validate({"data_dir": str(data)})
+    assert not settings.warehouse_path.exists()  # landed, not loaded
+
+    cfg = tmp_path / "featurerec.toml"
+    cfg.write_text(
+        f'data_dir = "{data}"\n[sources.events]\nkind = "kafka"\nevery_seconds = 0\n'
+        f'options = {{ bootstrap_servers = "{broker}", topic_pattern = "{topic}", '
+        'group_id = "g-cli", max_seconds_per_sync = 5, config = { '
+        + ", ".join(f'"{k}" = "{v}"' for k, v in GROUP_CONF.items())
+        + " } }\n"
+    )
+    res = runner.invoke(app, ["--config", str(cfg), "sources", "sync", "--once", "--json"])
+    assert res.exit_code == 0, res.output
+    outcomes = {o["name"]: o for o in orjson.loads(res.stdout)}
+    assert outcomes["events"]["summary"]["consumed"] == 0  # offsets were committed
+    assert outcomes["landing"]["ok"]
     with DuckDBEngine(settings.warehouse_path, read_only=True) as db:
         assert db.query_rows("SELECT count(*) AS n FROM events")[0]["n"] == 40
+        q = db.query_rows("SELECT location, reason FROM ingest_quarantine")
+    assert len(q) == 1 and q[0]["location"].startswith(f"{topic}[")
+    assert q[0]["reason"].startswith("invalid JSON")

@@ -302,3 +302,40 @@ def test_bad_options_name_the_field(tmp_path: Any) -> None:
     s = _settings(tmp_path, max_message_bytes=0)
     with pytest.raises(DataError, match=r"sources\.web\.options\.max_message_bytes"):
         IntakeConfig.from_settings(s)
+
+
+def test_segment_through_real_landing(tmp_path: Any) -> None:
+    """Official client → router → Landing.write (durable) → Landing.drain → warehouse:
+    a messageId sent twice in separate requests is stored once."""
+    from featurerec.events.ingest import Ingestor
+    from featurerec.events.landing import Landing
+    from featurerec.warehouse.engine import DuckDBEngine
+
+    settings = _settings(tmp_path)
+    landing = Landing.for_settings(settings)
+    app = FastAPI()
+    app.include_router(build_router(settings, landing.write))
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.02)
+    try:
+        client, errors = _client(f"http://127.0.0.1:{port}")
+        for _ in range(2):
+            client.track(user_id="u1", event="Board Created", message_id="dup-1")
+        client.track(user_id="u2", event="Board Created", message_id="m-2")
+        assert errors == []
+        assert len(landing.pending()) == 3  # each answer came after its file was durable
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=5)
+    with DuckDBEngine(settings.warehouse_path) as db:
+        report = landing.drain(Ingestor(db, settings))
+        assert report.accepted == 2 and report.duplicate == 1
+        rows = db.query_rows("SELECT event_id, event_type, source FROM events ORDER BY event_id")
+    assert rows == [
+        {"event_id": "dup-1", "event_type": "board_created", "source": "web"},
+        {"event_id": "m-2", "event_type": "board_created", "source": "web"},
+    ]

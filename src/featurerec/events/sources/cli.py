@@ -50,6 +50,10 @@ def kafka_cmd(
     idle_timeout: Annotated[
         float | None, typer.Option(help="Stop when nothing arrives for this many seconds.")
     ] = None,
+    kafka_config: Annotated[
+        list[str] | None,
+        typer.Option("-X", "--kafka-config", help="librdkafka setting KEY=VALUE (repeatable)."),
+    ] = None,
 ) -> None:
     """Consume Kafka topics into featurerec (at-least-once + dedupe; SIGTERM stops cleanly)."""
     from rich.live import Live
@@ -72,7 +76,11 @@ def kafka_cmd(
         "sink": sink,
     }
     base.update({k: v for k, v in overrides.items() if v is not None})
-    base.pop("max_seconds_per_sync", None)
+    for item in kafka_config or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"-X expects KEY=VALUE (got {item!r})")
+        base["config"] = {**base.get("config", {}), key.strip(): value.strip()}
     options = KafkaOptions.from_source(name, SourceConfig(kind="kafka", options=base))
     engine = None
     if options.sink == "warehouse":
@@ -81,7 +89,7 @@ def kafka_cmd(
     else:
         from featurerec.events.landing import Landing
 
-        write = Landing(settings.data_path / "landing").write
+        write = Landing.for_settings(settings).write
 
     def line(p: KafkaProgress) -> str:
         lag = f"lag {fmt(p.total_lag)}" if p.lag else "lag ?"

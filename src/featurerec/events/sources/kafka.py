@@ -66,6 +66,8 @@ class KafkaOptions(BaseModel):
     #: Where batches go: the landing folder (default) or straight into the warehouse.
     sink: Literal["landing", "warehouse"] = "landing"
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    #: ``sources sync``: the longest one sync may consume before the other sources get a turn.
+    max_seconds_per_sync: float = Field(default=60.0, gt=0)
     #: Extra librdkafka settings (security.protocol, sasl.*, …).
     config: dict[str, str] = Field(default_factory=dict)
 

@@ -10,7 +10,9 @@ and A/B assignments in real time (``every_seconds = 0``: every loop turn, about 
   ``max_seconds_per_sync``), committing after each durable append;
 * ``segment_http``: drain what the HTTP intake landed (event batches through
   ``events.landing.Landing.drain`` when that module is installed, trait updates through
-  :class:`~featurerec.events.sources.traits.TraitsLanding`).
+  :class:`~featurerec.events.sources.traits.TraitsLanding`). Without a ``segment_http``
+  source each turn still drains pending landing files (e.g. from ``sources kafka``), reported
+  as the pseudo-source ``landing``.
 
 State (last start / finish / success, counts, lag, last error, failures, next attempt) lives in
 ``<data_dir>/sources/<name>/state.json``. A failing source (broker or database down, bad
@@ -89,8 +91,7 @@ def _run_kafka(
 
     options = KafkaOptions.from_source(name, source)
     ingest = KafkaIngest(name, options, settings, ingestor.append)
-    max_s = float(source.options.get("max_seconds_per_sync", 60.0))
-    timer = threading.Timer(max_s, ingest.stop)
+    timer = threading.Timer(options.max_seconds_per_sync, ingest.stop)
     timer.start()
     try:
         progress = ingest.run(idle_timeout=max(2.0, 2 * options.batch_timeout_seconds))
@@ -118,7 +119,7 @@ def _drain_landing(settings: Settings, ingestor: Any) -> dict[str, Any]:
     except ImportError:
         out["events"] = "events.landing not available"
     else:
-        report = Landing(settings.data_path / "landing").drain(ingestor)
+        report = Landing.for_settings(settings).drain(ingestor)
         out["events"] = _as_dict(report)
     out["traits_users"] = TraitsLanding.for_settings(settings).drain(ingestor)
     return out
@@ -194,7 +195,40 @@ class Scheduler:
             if not force and not self.due(name, source, state):
                 continue
             outcomes.append(self._run_one(name, source, state, ingestor, engine))
+        if ingestor is not None and not any(
+            s.kind == "segment_http" for s in self.sources.values()
+        ):
+            landed = self._drain_if_pending(ingestor)
+            if landed is not None:
+                outcomes.append(landed)
         return outcomes
+
+    def _drain_if_pending(self, ingestor: Any) -> SyncOutcome | None:
+        """Load what ``sources kafka`` (landing sink) or the HTTP intake landed, when no
+        ``segment_http`` source does it on its own schedule."""
+        from featurerec.events.sources.traits import TraitsLanding
+
+        try:
+            from featurerec.events.landing import Landing
+        except ImportError:
+            return None
+        if not (
+            Landing.for_settings(self.settings).pending()
+            or TraitsLanding.for_settings(self.settings).pending()
+        ):
+            return None
+        t0 = time.monotonic()
+        try:
+            summary = _drain_landing(self.settings, ingestor)
+        except Exception as exc:
+            return SyncOutcome(
+                "landing",
+                "landing",
+                False,
+                time.monotonic() - t0,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+        return SyncOutcome("landing", "landing", True, time.monotonic() - t0, summary=summary)
 
     def _run_one(
         self, name: str, source: SourceConfig, state: SourceState, ingestor: Any, engine: Any

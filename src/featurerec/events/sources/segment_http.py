@@ -108,8 +108,7 @@ def landing_writer(settings: Settings) -> OnBatch:
     """The default ``on_batch``: ``Landing(<data_dir>/landing).write`` (durable on return)."""
     from featurerec.events.landing import Landing
 
-    landing = Landing(settings.data_path / "landing")
-    return landing.write
+    return Landing.for_settings(settings).write
 
 
 def build_router(
