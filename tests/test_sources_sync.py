@@ -181,3 +181,27 @@ def test_traits_merge_keeps_known_values(tmp_path: Path) -> None:
             "signup_date": "2026-01-02",
             "plan": "business",
         }
+
+
+def test_sync_reports_a_down_kafka_broker_for_backoff(tmp_path: Path) -> None:
+    port = _free_port()
+    settings = Settings.model_validate(
+        {
+            "data_dir": str(tmp_path / "data"),
+            "sources": {
+                "events": {
+                    "kind": "kafka",
+                    "options": {
+                        "bootstrap_servers": f"127.0.0.1:{port}",
+                        "batch_timeout_seconds": 0.2,
+                        "max_seconds_per_sync": 2,
+                        "config": {"log_level": "0"},
+                    },
+                }
+            },
+        }
+    )
+    with DuckDBEngine(":memory:") as db:
+        out = Scheduler(settings).run_once(Ingestor(db, settings), db, force=True)
+    assert not out[0].ok and "Kafka unreachable" in (out[0].error or "")
+    assert SourceState.load(settings, "events", "kafka").consecutive_failures == 1

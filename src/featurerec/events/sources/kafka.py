@@ -183,6 +183,11 @@ class KafkaIngest:
         consumer.subscribe([topic_regex(opts.topic_pattern)], on_assign=self._on_assign)
         return consumer
 
+    @property
+    def assigned_at(self) -> float | None:
+        """``time.monotonic()`` of the last partition assignment (None: never joined)."""
+        return self._assigned_at
+
     def _on_assign(self, consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
         self._assigned_at = time.monotonic()
 

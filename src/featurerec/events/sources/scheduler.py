@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from featurerec.config import Settings, SourceConfig
-from featurerec.events.sources.common import Backoff, SourceState, utcnow
+from featurerec.events.sources.common import Backoff, SourceState, SourceUnavailable, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,8 @@ def _run_kafka(
         progress = ingest.run(idle_timeout=max(2.0, 2 * options.batch_timeout_seconds))
     finally:
         timer.cancel()
+    if progress.consumed == 0 and ingest.assigned_at is None and progress.broker_error:
+        raise SourceUnavailable(f"{name}: Kafka unreachable: {progress.broker_error}")
     state = SourceState.load(settings, name, "kafka")
     state.lag = {"messages": progress.total_lag, "partitions": progress.lag}
     state.save(settings)
