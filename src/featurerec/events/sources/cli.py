@@ -161,8 +161,8 @@ def sync_cmd(
                     "kind": o.kind,
                     "ok": "yes" if o.ok else "NO",
                     "seconds": round(o.seconds, 2),
-                    "result": o.error or _short(o.summary),
-                    "retry at": o.next_attempt_at,
+                    "result": _err(o.error) if o.error else _compact(o.summary),
+                    "retry at": (o.next_attempt_at or "")[11:19],
                 }
                 for o in outcomes
             ],
@@ -192,6 +192,30 @@ def _short(summary: dict[str, Any]) -> str:
     return text if len(text) < 120 else text[:117] + "..."
 
 
+def _compact(summary: dict[str, Any], limit: int = 60) -> str:
+    """``{"upserts": {"users": 2}, "lsn": "0/1"}`` → ``upserts=2 lsn=0/1`` (numbers summed)."""
+    parts = []
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            nums = [
+                v for v in value.values() if isinstance(v, int | float) and not isinstance(v, bool)
+            ]
+            if not nums:
+                continue
+            value = sum(nums)
+        if value in (None, 0, [], "") or isinstance(value, list):
+            continue
+        parts.append(f"{key}={fmt(value)}")
+    text = " ".join(parts)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _err(error: str, limit: int = 70) -> str:
+    """An error without its timestamp prefix, cut to ``limit`` characters."""
+    text = error.split(" ", 1)[1] if error[:4].isdigit() and " " in error else error
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 @sources_app.command("status")
 def status_cmd(
     ctx: typer.Context,
@@ -211,11 +235,11 @@ def status_cmd(
                 "source": r["source"],
                 "kind": r["kind"],
                 "every": "real-time" if r["every_seconds"] == 0 else f"{r['every_seconds']} s",
-                "last success": r["last_success"] or "never",
-                "lag": _short(r["lag"]) if r["lag"] else "",
-                "counts": _short(r["counts"]) if r["counts"] else "",
+                "last success": (r["last_success"] or "never")[:19].replace("T", " "),
+                "lag": _compact(r["lag"], 30) if r["lag"] else "",
+                "counts": _compact(r["counts"], 40) if r["counts"] else "",
                 "failures": r["consecutive_failures"],
-                "last error": r["last_error"] or "",
+                "last error": _err(r["last_error"], 50) if r["last_error"] else "",
             }
             for r in rows
         ],
