@@ -148,6 +148,43 @@ def wrk(url: str, script: Path, connections: int, seconds: int) -> dict[str, flo
     return res
 
 
+_BUCKET = re.compile(
+    r'^featurerec_request_latency_seconds_bucket\{endpoint="([^"]+)",le="([^"]+)"\} ([\d.e+]+)',
+    re.M,
+)
+
+
+def server_histogram(url: str) -> dict[str, dict[float, float]]:
+    """Cumulative bucket counts of the server's own latency histogram, per endpoint."""
+    out: dict[str, dict[float, float]] = {}
+    for ep, le, count in _BUCKET.findall(httpx.get(f"{url}/metrics").text):
+        out.setdefault(ep, {})[float("inf") if le == "+Inf" else float(le)] = float(count)
+    return out
+
+
+def server_quantiles(before: dict, after: dict, endpoint: str) -> dict[str, float]:
+    """p50 / p99 (ms, bucket-interpolated) of server-side latency between two scrapes."""
+    b, a = before.get(endpoint, {}), after.get(endpoint, {})
+    les = sorted(a)
+    cum = [a[le] - b.get(le, 0.0) for le in les]
+    total = cum[-1] if cum else 0.0
+    res: dict[str, float] = {"count": total}
+    for q in (0.5, 0.99):
+        target, prev_le, prev_c = q * total, 0.0, 0.0
+        val = float("nan")
+        for le, c in zip(les, cum, strict=True):
+            if c >= target and total > 0:
+                if le == float("inf"):
+                    val = prev_le
+                else:
+                    frac = (target - prev_c) / max(c - prev_c, 1e-9)
+                    val = prev_le + frac * (le - prev_le)
+                break
+            prev_le, prev_c = le, c
+        res[f"p{int(q * 100)}_ms"] = round(val * 1000, 3)
+    return res
+
+
 def script(tmp: Path, name: str, prefix: str, ids: list[str], delay_ms: float) -> Path:
     p = tmp / f"{name}.lua"
     p.write_text(
@@ -162,8 +199,13 @@ def paced(url: str, tmp: Path, ids: list[str], qps: int, seconds: int) -> dict[s
     out = {}
     for name, prefix in (("recommendations", "/api/v1/recommendations?user_id="),
                          ("noop", "/noop?u=")):  # fmt: skip
-        r = wrk(url, script(tmp, f"{name}_{qps}", prefix, ids, delay), conns, seconds)
+        before = server_histogram(url)
+        r: dict = wrk(url, script(tmp, f"{name}_{qps}", prefix, ids, delay), conns, seconds)
         r["target_qps"] = qps
+        if name == "recommendations":
+            r["server_side"] = server_quantiles(
+                before, server_histogram(url), "/api/v1/recommendations"
+            )
         out[name] = r
         print(f"  {qps} QPS {name}: {r}", flush=True)
     return out
@@ -186,11 +228,56 @@ def max_qps(url: str, tmp: Path, ids: list[str], seconds: int) -> dict[str, dict
     return out
 
 
+class Server:
+    """``featurerec serve --workers 1`` in a subprocess on a free loopback port."""
+
+    def __init__(self, data: Path, tmp: Path, config: Path | None = None) -> None:
+        self.data, self.tmp, self.config = data, tmp, config
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.startup_s = 0.0
+
+    def start(self) -> dict:
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "featurerec.cli", "--data-dir", str(self.data)]
+        if self.config is not None:
+            cmd += ["--config", str(self.config)]
+        cmd += ["serve", "--port", str(self.port), "--workers", "1"]
+        t0 = time.time()
+        self.log = open(self.tmp / f"server-{self.port}.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=self.log)
+        while True:
+            try:
+                ready = httpx.get(f"{self.url}/readyz", timeout=1)
+                if ready.status_code == 200:
+                    self.startup_s = time.time() - t0
+                    return dict(ready.json())
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.time() - t0 > 600:
+                sys.exit(f"server did not start; see {self.log.name}")
+            time.sleep(0.5)
+
+    def rss(self) -> int:
+        return int(psutil.Process(self.proc.pid).memory_info().rss)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", type=Path, help="serve an existing data dir (demo world)")
     ap.add_argument("--users", type=int, default=72_000)
     ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if shutil.which("wrk") is None:
@@ -203,33 +290,13 @@ def main() -> None:
         build_fixture_world(data, args.users)
         world = f"serving fixture world ({args.users} users, seeded; not the simulator)"
     ids = user_ids(data)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-    t0 = time.time()
-    server_log = open(tmp / "server.log", "w")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "featurerec.cli", "--data-dir", str(data), "serve",
-         "--port", str(port), "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=server_log,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    server = Server(data, tmp)
     try:
-        while True:
-            try:
-                ready = httpx.get(f"{url}/readyz", timeout=1)
-                if ready.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.time() - t0 > 600:
-                sys.exit(f"server did not start; see {tmp / 'server.log'}")
-            time.sleep(0.5)
-        startup_s = time.time() - t0
-        readyz = ready.json()
+        readyz = server.start()
+        startup_s = server.startup_s
+        url = server.url
         print(f"server ready in {startup_s:.1f}s: {readyz}", flush=True)
-        rss_start = psutil.Process(proc.pid).memory_info().rss
+        rss_start = server.rss()
         fsync_before = fsync_latency(data)
         # warm-up
         wrk(url, script(tmp, "warm", "/api/v1/recommendations?user_id=", ids, 5), 4, 3)
@@ -238,23 +305,37 @@ def main() -> None:
             "qps_1000": paced(url, tmp, ids, 1000, args.seconds),
             "max_qps_p99_le_100ms": max_qps(url, tmp, ids, max(5, args.seconds // 2)),
         }
-        rss_end = psutil.Process(proc.pid).memory_info().rss
+        rss_end = server.rss()
         fsync_after = fsync_latency(data)
         sample = httpx.get(f"{url}/api/v1/recommendations", params={"user_id": ids[0]}).json()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        server_log.close()
+        server.stop()
+    # Same runs with the rec log written but not fsync-ed: how much of the latency is the
+    # disk's fsync (the log still survives a process kill, not a power loss).
+    cfg = tmp / "nofsync.toml"
+    cfg.write_text("[serving]\ndurable_log = false\n")
+    server = Server(data, tmp, config=cfg)
+    try:
+        server.start()
+        wrk(server.url, script(tmp, "warm", "/api/v1/recommendations?user_id=", ids, 5), 4, 3)
+        results["no_fsync"] = {
+            "qps_200": paced(server.url, tmp, ids, 200, args.seconds),
+            "qps_1000": paced(server.url, tmp, ids, 1000, args.seconds),
+        }
+    finally:
+        server.stop()
     best_r = results["max_qps_p99_le_100ms"]["recommendations"]["best"]
     best_n = results["max_qps_p99_le_100ms"]["noop"]["best"]
     summary = {
         "200qps_p50_ms": results["qps_200"]["recommendations"]["p50_ms"],
         "200qps_p99_ms": results["qps_200"]["recommendations"]["p99_ms"],
+        "200qps_server_side": results["qps_200"]["recommendations"].get("server_side"),
+        "1000qps_server_side": results["qps_1000"]["recommendations"].get("server_side"),
         "1000qps_p99_ms": results["qps_1000"]["recommendations"]["p99_ms"],
         "1000qps_achieved": results["qps_1000"]["recommendations"]["qps"],
+        "no_fsync_200qps_p50_ms": results["no_fsync"]["qps_200"]["recommendations"]["p50_ms"],
+        "no_fsync_200qps_p99_ms": results["no_fsync"]["qps_200"]["recommendations"]["p99_ms"],
+        "no_fsync_1000qps_p99_ms": results["no_fsync"]["qps_1000"]["recommendations"]["p99_ms"],
         "max_qps_p99_le_100ms": best_r["qps"] if best_r else None,
         "noop_max_qps_p99_le_100ms": best_n["qps"] if best_n else None,
         "max_qps_ratio_recs_to_noop": (best_r["qps"] / best_n["qps"])
@@ -288,8 +369,8 @@ def main() -> None:
         "runs": results,
         "sample_response": sample,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2, default=str))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2, default=str))
     print(json.dumps(summary, indent=2))
     shutil.rmtree(tmp, ignore_errors=True)
 
