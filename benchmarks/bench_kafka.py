@@ -177,6 +177,12 @@ def main() -> None:
         "group_join_seconds": round(assigned - t_start, 2),
         "consume_to_warehouse_seconds": round(consume_s, 2),
         "append_seconds": round(append_s[0], 2),
+        "phase_seconds": {
+            "fetch": round(progress.seconds_fetch, 2),
+            "validate": round(progress.seconds_validate, 2),
+            "write": round(progress.seconds_write, 2),
+            "commit": round(progress.seconds_commit, 2),
+        },
         "consumer_thread_cpu_seconds": round(consumer_cpu, 2),
         "consumer_process_cpu_seconds": round(process_cpu, 2),
         "events_per_process_cpu_second": round(progress.consumed / process_cpu, 1)

@@ -109,6 +109,11 @@ class KafkaProgress:
     started: float = field(default_factory=time.monotonic)
     lag: dict[str, int] = field(default_factory=dict)
     broker_error: str | None = None
+    #: Wall seconds spent per phase (where the time goes).
+    seconds_fetch: float = 0.0
+    seconds_validate: float = 0.0
+    seconds_write: float = 0.0
+    seconds_commit: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -220,7 +225,10 @@ class KafkaIngest:
                 want = opts.batch_size
                 if max_messages is not None:
                     want = min(want, max_messages - self.progress.consumed)
+                t0 = time.perf_counter()
                 msgs = self._gather(consumer, want)
+                if msgs:
+                    self.progress.seconds_fetch += time.perf_counter() - t0
                 now = time.monotonic()
                 if msgs:
                     last_data = now
@@ -269,11 +277,15 @@ class KafkaIngest:
         return out
 
     def _process(self, consumer: ck.Consumer, msgs: list[ck.Message]) -> None:
+        p = self.progress
+        t0 = time.perf_counter()
         batch, traits = self.build_batch(msgs)
+        t1 = time.perf_counter()
         if batch is not None:
             self.write(batch)
         if traits is not None:
             self.write_traits(traits)
+        t2 = time.perf_counter()
         # Durable: now the offsets may move.
         offsets: dict[tuple[str, int], int] = {}
         for m in msgs:
@@ -282,10 +294,12 @@ class KafkaIngest:
             if off > offsets.get(key, -1):
                 offsets[key] = off
         consumer.commit(
-            offsets=[ck.TopicPartition(t, p, o + 1) for (t, p), o in offsets.items()],
+            offsets=[ck.TopicPartition(t, part, o + 1) for (t, part), o in offsets.items()],
             asynchronous=False,
         )
-        p = self.progress
+        p.seconds_validate += t1 - t0
+        p.seconds_write += t2 - t1
+        p.seconds_commit += time.perf_counter() - t2
         p.consumed += len(msgs)
         p.batches += 1
         if batch is not None:
