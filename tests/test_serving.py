@@ -435,3 +435,20 @@ def test_cli_export_state_registers_snapshot(tmp_path: Path) -> None:
     mv = registry_for(settings).resolve("state:/feature-recommender-online/latest")
     snap = OnlineSnapshot.load(mv.path)
     assert snap.n_users == 50 and snap.as_of <= FIXTURE_AS_OF
+
+
+def test_request_time_model_failure_falls_back(client: TestClient) -> None:
+    class Broken:
+        version, is_fallback = "broken@1", False
+        features = client.rt.service.state.features  # type: ignore[attr-defined]
+
+        def strategy_name(self, requested: str) -> str:
+            return requested
+
+        def recommend(self, *args, **kwargs):
+            raise ValueError("boom")
+
+    client.rt.service.swap_model(Broken())  # type: ignore[attr-defined]
+    body = client.get("/api/v1/recommendations", params={"user_id": "usr_000070"}).json()
+    assert body["fallback"] is True and body["recommendations"]
+    assert "boom" in client.get("/readyz").json()["model_error"]

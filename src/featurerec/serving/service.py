@@ -19,6 +19,7 @@ No SQL, no pandas here: array lookups and numpy on at most a few dozen items.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -31,7 +32,6 @@ import numpy as np
 
 from featurerec.catalog import Catalog
 from featurerec.config import Settings
-from featurerec.errors import ModelError
 from featurerec.experiments.spec import ExperimentSpec
 from featurerec.models.base import TEAM_SIZE_BUCKETS, UserContext, UserState, team_size_bucket
 from featurerec.models.ranking import Ranked, epsilon_slates
@@ -40,6 +40,8 @@ from featurerec.serving.eligibility import EligibilityPolicy, EligibilityRules, 
 from featurerec.serving.reasons import ReasonBuilder
 from featurerec.serving.snapshot import OnlineSnapshot
 from featurerec.serving.state import OnlineState, epoch_seconds
+
+log = logging.getLogger(__name__)
 
 PLACEMENTS = ("onboarding_wizard", "sidebar_panel", "in_context_tooltip", "email_digest")
 
@@ -427,10 +429,11 @@ class RecommendationService:
                         strategy, user, m_exclude, n, dep.candidate_generator.top_k, eps, self._rng
                     )
                 return ranked, m
-            except ModelError as exc:
+            except Exception as exc:  # any model failure: this request falls back
                 if m is self.fallback:
                     raise
-                self.holder.error = f"request-time model error: {exc}"
+                self.holder.error = f"request-time model error: {type(exc).__name__}: {exc}"
+                log.warning("serving: model failed for %s, serving fallback: %s", user.user_id, exc)
         raise AssertionError("unreachable")
 
     def _items(
