@@ -31,6 +31,7 @@ from featurerec.simulate.params import WorldParams
 from featurerec.simulate.world import WorldConfig, generate_world
 
 TARGET_EVENTS_PER_S = 500_000
+SPEC_FEATURE_USED_PER_DAY = 12_000_000
 
 
 def run(name: str, config: WorldConfig, workers: int, tmp: Path) -> dict[str, object]:
@@ -71,14 +72,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         demo = run("demo", WorldConfig(users=5000, days=60, seed=0), 1, tmp)
+        users = 150_000 // scale
+        # pick the activity scale that gives ~12M feature_used per day at 150k users
+        act = 300.0
+        for _ in range(2):
+            probe = generate_world(
+                WorldConfig(users=5000, days=1, seed=0, params=WorldParams(activity_scale=act))
+            ).write(tmp / "probe")
+            per_user = probe.feature_used_events / 5000
+            act *= SPEC_FEATURE_USED_PER_DAY / (per_user * 150_000)
+            shutil.rmtree(tmp / "probe")
         spec = run(
             "spec_volume",
             WorldConfig(
-                users=150_000 // scale,
+                users=users,
                 days=1,
                 seed=0,
                 chunk_users=15_000,
-                params=WorldParams(activity_scale=300.0),
+                params=WorldParams(activity_scale=round(act, 1)),
             ),
             2,
             tmp,

@@ -21,7 +21,7 @@ from featurerec.warehouse.schema import RAW_TABLES
 
 #: Default window (60 days: cold start depends on how much history the stream holds), users
 #: enough for stable figures, small enough for a few-second fixture.
-CAL_USERS, CAL_DAYS, CAL_SEED = 8000, 60, 3
+CAL_USERS, CAL_DAYS, CAL_SEED = 8000, 60, 0
 
 
 @pytest.fixture(scope="module")

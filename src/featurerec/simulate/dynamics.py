@@ -181,9 +181,11 @@ class ChunkSim:
         act = params.activity_scale
         # activity_scale spreads over how often, how many sessions and how long (cube roots)
         self.p_active = np.minimum(params.active_base * e * act ** (1 / 3), params.active_max)
-        self.sess_extra = params.sessions_extra_mean * np.sqrt(e) * act ** (1 / 3)
+        # how long people stay saturates: nobody works 40 sessions a day
+        e_cap = np.minimum(e, params.engagement_cap)
+        self.sess_extra = params.sessions_extra_mean * np.sqrt(e_cap) * act ** (1 / 3)
         self.sess_len = (
-            params.session_features_mean * e**params.session_len_elasticity * act ** (1 / 3)
+            params.session_features_mean * e_cap**params.session_len_elasticity * act ** (1 / 3)
         )
 
         # workspaces

@@ -74,16 +74,16 @@ BASE_UTILITY = _vec(
 #: fitted: daily probability scale that an active user stumbles on a feature by themselves.
 DISCOVER = _vec(
     {
-        "kanban_boards": 0.0996,
-        "task_management": 0.0728,
-        "file_sharing": 0.0357,
-        "automations": 0.00148,
-        "gantt_charts": 0.00197,
-        "custom_dashboards": 0.00196,
-        "api_access": 0.00578,
-        "forms": 0.00067,
-        "advanced_reports": 0.00298,
-        "timelines": 0.00149,
+        "kanban_boards": 0.0853,
+        "task_management": 0.0619,
+        "file_sharing": 0.0326,
+        "automations": 0.001455,
+        "gantt_charts": 0.002,
+        "custom_dashboards": 0.00175,
+        "api_access": 0.0085,
+        "forms": 0.000686,
+        "advanced_reports": 0.00408,
+        "timelines": 0.00144,
         "integrations": 0.003,
         "team_management": 0.002,
     }
@@ -96,7 +96,7 @@ DISCOVERY_BOOST: tuple[tuple[str, str, float], ...] = (
     ("task_management", "gantt_charts", 3.0),
     ("kanban_boards", "custom_dashboards", 2.0),
     ("file_sharing", "forms", 2.5),
-    ("automations", "advanced_reports", 4.0),
+    ("automations", "advanced_reports", 8.0),
     ("gantt_charts", "timelines", 3.0),
     ("custom_dashboards", "advanced_reports", 2.0),
     ("integrations", "api_access", 2.5),
@@ -111,11 +111,11 @@ DISCOVERY_BOOST: tuple[tuple[str, str, float], ...] = (
 TRANSITION_DEFAULT = 1.0
 TRANSITION_STAY = 2.0
 TRANSITION: tuple[tuple[str, str, float], ...] = (
-    ("kanban_boards", "automations", 11.95),
-    ("task_management", "gantt_charts", 9.5),
-    ("kanban_boards", "custom_dashboards", 32.1),
-    ("file_sharing", "forms", 8.0),
-    ("automations", "advanced_reports", 34.5),
+    ("kanban_boards", "automations", 14.6),
+    ("task_management", "gantt_charts", 8.96),
+    ("kanban_boards", "custom_dashboards", 42.9),
+    ("file_sharing", "forms", 11.7),
+    ("automations", "advanced_reports", 48.2),
     ("kanban_boards", "task_management", 1.5),
     ("task_management", "kanban_boards", 1.5),
     ("gantt_charts", "timelines", 3.0),
@@ -140,7 +140,7 @@ class WorldParams:
     # utility = base + context + latent taste + noise
     latent_dim: int = 6
     latent_scale: float = 1.0  # sd of the taste term z_u . v_j
-    workspace_taste_share: float = 0.7  # share of taste variance common to the workspace
+    workspace_taste_share: float = 0.5  # share of taste variance common to the workspace
     noise_scale: float = 0.5  # sd of the idiosyncratic (unlearnable) term
     context_scale: float = 1.0
     #: hazard uses sigmoid(utility - discover_offset)
@@ -160,13 +160,15 @@ class WorldParams:
 
     # engagement (fitted spread): p(active on a day) = clip(active_base * e, .., active_max)
     engagement_sigma: float = 1.6
-    active_base: float = 0.054
+    active_base: float = 0.0612
     active_max: float = 0.92
     weekend_factor: float = 0.35
     new_user_activity_boost: float = 2.0
     sessions_extra_mean: float = 0.5  # sessions per active day = 1 + Poisson(. * e^.5)
     session_features_mean: float = 3.0  # feature_used events per session ~ Poisson(. * e^el)
     session_len_elasticity: float = 0.5
+    #: engagement above this no longer lengthens sessions or adds more of them
+    engagement_cap: float = 4.0
     #: multiplies sessions and events per session (spec volume: ~120 feature_used/user/day)
     activity_scale: float = 1.0
 

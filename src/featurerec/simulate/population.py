@@ -148,8 +148,9 @@ def build_population(config: WorldConfig) -> Population:
     days = config.days
 
     # --- workspaces: seats until every user has one -------------------------------------
-    # no single customer is more than ~2.5% of the world (heavy tail, but not one giant)
-    seat_cap = int(min(p.seat_max, max(20, n // 40)))
+    # no single customer is more than ~1% of the world (heavy tail, but no giant that
+    # decides the plan mix of a small world on its own)
+    seat_cap = int(min(p.seat_max, max(20, n // 100)))
     mean_seats = min(np.exp(np.log(p.seat_median) + p.seat_sigma**2 / 2), seat_cap)
     draws = int(n / max(mean_seats, 1) * 1.5) + 16
     seats = np.empty(0, dtype=np.int64)

@@ -28,6 +28,7 @@ import json
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +52,10 @@ class GroundTruth:
     days: int
     #: last day the user can be active: their workspace's churn day (NOT_ADOPTED if never)
     churn_day: np.ndarray | None = None
+    #: organic discovery model (see adoption_propensity)
+    item_discover: np.ndarray | None = None
+    p_active: np.ndarray | None = None
+    hazard: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, world_dir: Path | str) -> GroundTruth:
@@ -71,6 +76,8 @@ class GroundTruth:
         with np.load(gt / "population.npz") as pop:
             signup = pop["user_signup_day"].copy()
             user_ws = pop["user_ws"]
+            discover = pop["item_discover"].copy() if "item_discover" in pop else None
+            p_active = pop["user_p_active"].copy() if "user_p_active" in pop else None
         return cls(
             features=tuple(meta["features"]),
             groups=np.array(meta["groups"], dtype=np.int32),
@@ -82,6 +89,9 @@ class GroundTruth:
             start=date.fromisoformat(meta["start"]),
             days=int(meta["days"]),
             churn_day=np.concatenate(ws_churn)[user_ws],
+            item_discover=discover,
+            p_active=p_active,
+            hazard=meta.get("hazard"),
         )
 
     # ------------------------------------------------------------------------------------
@@ -128,6 +138,50 @@ class GroundTruth:
         s = self.utility[u].astype(np.float64)
         s[(self.adopt_day[u] <= np.floor(day)) | ~self.eligible[u]] = -np.inf
         return s
+
+    def adoption_propensity(
+        self, users: np.ndarray, as_of_day: float | None = None, horizon_days: float = 7.0
+    ) -> np.ndarray:
+        """Probability that each user first uses each feature *by themselves* within
+        ``horizon_days`` after ``as_of_day`` (default: the end of the window), from the
+        world's own discovery hazard (visibility x sigmoid(utility) x boosts from features
+        already used x onboarding).
+
+        This is the ceiling for "which features will they adopt next" (a time-split offline
+        evaluation), whereas :meth:`oracle_scores` (utility) is the ceiling for "which feature
+        is worth recommending": visible features get adopted without help, valuable hidden
+        ones do not. 0 where already used, not available, or the user is not present.
+        """
+        if self.item_discover is None or self.p_active is None or self.hazard is None:
+            raise DataError("this world's ground truth predates adoption_propensity; regenerate")
+        hz = self.hazard
+        day = np.floor(self.days - 1 if as_of_day is None else as_of_day)
+        u = np.asarray(users, dtype=np.int64)
+        adopted = self.adopt_day[u] <= day
+        n_groups = len(hz["boost"])
+        areas = np.zeros((len(u), n_groups))
+        for g in range(n_groups):
+            cols = self.groups == g
+            if cols.any():
+                areas[:, g] = adopted[:, cols].any(axis=1)
+        boost = 1.0 + (areas @ np.asarray(hz["boost"]))[:, self.groups]
+        age = np.maximum(day - self.signup_day[u], 0)
+        onboard = 1.0 + hz["onboarding_boost"] * np.exp(-age / hz["onboarding_days"])
+        util = self.utility[u].astype(np.float64) - hz["discover_offset"]
+        h = self.item_discover[None, :] / (1.0 + np.exp(-util)) * boost * onboard[:, None]
+        sub = np.bincount(self.groups) > 1
+        if sub.any():
+            is_core = np.zeros(len(self.features), dtype=bool)
+            is_core[:n_groups] = True
+            h *= np.where(is_core[None, :] | (areas[:, self.groups] > 0), 1.0, 0.1)
+        week = (5 + 2 * hz["weekend_factor"]) / 7
+        active_days = self.p_active[u] * horizon_days * week
+        p = -np.expm1(-h * active_days[:, None])
+        present = self.signup_day[u] <= day
+        if self.churn_day is not None:
+            present &= self.churn_day[u] > day
+        p[adopted | ~self.eligible[u] | ~present[:, None]] = 0.0
+        return p
 
     def day_datetime(self, day: float) -> datetime:
         return datetime(self.start.year, self.start.month, self.start.day) + timedelta(days=day)

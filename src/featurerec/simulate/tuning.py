@@ -35,14 +35,23 @@ from featurerec.simulate.params import (
 from featurerec.simulate.world import WorldConfig, generate_world
 
 
+def _one(params: WorldParams, users: int, days: int, seed: int) -> CalibrationReport:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "w"
+        generate_world(WorldConfig(users=users, days=days, seed=seed, params=params)).write(out)
+        return calibrate(out)
+
+
 def measure(params: WorldParams, users: int, days: int, seeds: list[int]) -> dict[str, float]:
-    """Average calibration figures over ``seeds``."""
+    """Average calibration figures over ``seeds`` (two worlds at a time)."""
+    from concurrent.futures import ProcessPoolExecutor
+
     acc: dict[str, list[float]] = {}
-    for seed in seeds:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "w"
-            generate_world(WorldConfig(users=users, days=days, seed=seed, params=params)).write(out)
-            rep: CalibrationReport = calibrate(out)
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        reports = list(
+            pool.map(_one, *zip(*[(params, users, days, s) for s in seeds], strict=True))
+        )
+    for rep in reports:
         for r in rep.rows:
             acc.setdefault(f"{r.metric}:{r.key}", []).append(r.simulated)
     return {k: float(np.mean(v)) for k, v in acc.items()}

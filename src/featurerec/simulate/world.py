@@ -520,6 +520,7 @@ class World:
     def _write_truth(self, out: Path) -> None:
         pop = self.population
         cat = pop.catalog
+        p = self.config.params
         truth = {
             "note": "Hidden ground truth of a simulated world. Only evaluation (oracle) and the "
             "simulator's response model may read it; the engine never does.",
@@ -530,6 +531,14 @@ class World:
             "days": self.config.days,
             "n_users": pop.n_users,
             "n_groups": N_GROUPS,
+            # the organic adoption hazard, for GroundTruth.adoption_propensity
+            "hazard": {
+                "discover_offset": p.discover_offset,
+                "onboarding_boost": p.onboarding_boost,
+                "onboarding_days": p.onboarding_days,
+                "weekend_factor": p.weekend_factor,
+                "boost": p.boost_matrix().tolist(),
+            },
         }
         (out / "ground_truth" / "truth.json").write_text(json.dumps(truth, indent=1))
         np.savez_compressed(
@@ -543,6 +552,10 @@ class World:
             ws_industry=pop.ws_industry,
             user_z=pop.user_z,
             item_v=pop.item_v,
+            item_discover=pop.item_discover,
+            user_p_active=np.minimum(
+                p.active_base * pop.user_engagement * p.activity_scale ** (1 / 3), p.active_max
+            ),
         )
 
 
