@@ -363,3 +363,24 @@ def test_cli_sources_kafka_lands_then_sync_drains(tmp_path: Any, broker: str) ->
         q = db.query_rows("SELECT location, reason FROM ingest_quarantine")
     assert len(q) == 1 and q[0]["location"].startswith(f"{topic}[")
     assert q[0]["reason"].startswith("invalid JSON")
+
+
+def test_failed_commit_is_reported_not_fatal(settings: Settings, broker: str) -> None:
+    """A commit refused by the broker (e.g. mid-rebalance) keeps the loop running; the
+    durable batch is re-read later and dedupe drops it."""
+    topic = "segment.cloudflow.events.rebalance"
+    _produce(broker, [(topic, _event(i)) for i in range(30)])
+    writer = DedupeWriter(settings)
+    ingest = _ingest(settings, broker, "g-rebalance", writer, topic_pattern=f"^{topic}$")
+    real_make = ingest._make_consumer
+
+    def refuse() -> None:
+        raise ck.KafkaException(ck.KafkaError(ck.KafkaError.REBALANCE_IN_PROGRESS))
+
+    ingest._make_consumer = lambda: _CommitFails(real_make(), refuse)  # type: ignore[method-assign]
+    progress = ingest.run(idle_timeout=1.0)
+    assert progress.consumed == 30 and progress.commit_failures >= 1
+    assert "offset commit failed" in (progress.broker_error or "")
+    again = _ingest(settings, broker, "g-rebalance", writer, topic_pattern=f"^{topic}$")
+    assert again.run(idle_timeout=1.0).consumed == 30  # re-read…
+    assert writer.count() == 30  # …stored once

@@ -114,6 +114,7 @@ class KafkaProgress:
     seconds_validate: float = 0.0
     seconds_write: float = 0.0
     seconds_commit: float = 0.0
+    commit_failures: int = 0
 
     @property
     def rate(self) -> float:
@@ -293,10 +294,16 @@ class KafkaIngest:
             off = int(m.offset() or 0)
             if off > offsets.get(key, -1):
                 offsets[key] = off
-        consumer.commit(
-            offsets=[ck.TopicPartition(t, part, o + 1) for (t, part), o in offsets.items()],
-            asynchronous=False,
-        )
+        try:
+            consumer.commit(
+                offsets=[ck.TopicPartition(t, part, o + 1) for (t, part), o in offsets.items()],
+                asynchronous=False,
+            )
+        except ck.KafkaException as exc:
+            # e.g. a rebalance moved the partitions away meanwhile. The batch is durable; the
+            # next owner re-reads it from the last committed offset and dedupe drops it.
+            p.commit_failures += 1
+            p.broker_error = f"offset commit failed (batch kept, will be re-read): {exc}"
         p.seconds_validate += t1 - t0
         p.seconds_write += t2 - t1
         p.seconds_commit += time.perf_counter() - t2
