@@ -16,7 +16,7 @@ better than a push stream:
 * peeks return whole transactions, so a batch never ends half-way through one;
 * no extra dependency (psycopg2) and no long-lived walsender socket to keep alive between the
   15-minute syncs the spec asks for; continuous mode (assignments, ``every_seconds = 0``)
-  polls every ``poll_seconds``.
+  is polled by ``featurerec sources sync`` about once a second.
 
 The cost is that each peek decodes from the slot's position again, so batches are bounded by
 ``max_changes`` and the slot is advanced after each one.

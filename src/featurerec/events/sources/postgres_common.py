@@ -71,8 +71,6 @@ class PostgresOptions(BaseModel):
     max_changes: int = Field(default=100_000, gt=0)
     #: Rows per fetch for snapshots and cursor pages.
     batch_rows: int = Field(default=50_000, gt=0)
-    #: Continuous mode (every_seconds = 0): seconds between polls.
-    poll_seconds: float = Field(default=1.0, gt=0)
     connect_timeout: int = Field(default=5, gt=0)
 
     @classmethod

@@ -3,7 +3,7 @@
 ``settings.sources`` names the sources (``kind``, ``every_seconds``, ``options``). The spec
 syncs the product tables and Zendesk every 15 minutes (``every_seconds = 900``, the default)
 and A/B assignments in real time (``every_seconds = 0``: every loop turn, about every
-``poll_seconds``). Per source kind one sync is:
+``poll_seconds``, 1 s). Per source kind one sync is:
 
 * ``postgres_cdc`` / ``postgres_cursor`` / ``zendesk``: their ``sync_once``;
 * ``kafka``: consume into the warehouse until the topics are idle (bounded by
@@ -13,6 +13,11 @@ and A/B assignments in real time (``every_seconds = 0``: every loop turn, about 
   :class:`~featurerec.events.sources.traits.TraitsLanding`). Without a ``segment_http``
   source each turn still drains pending landing files (e.g. from ``sources kafka``), reported
   as the pseudo-source ``landing``.
+
+Sources run one after another in one process (the warehouse has one writer). A Kafka turn
+can take up to ``max_seconds_per_sync``, which delays the real-time sources by as much; for a
+continuous event stream run ``featurerec sources kafka`` (landing sink) as its own process
+and let ``sources sync`` drain the landing.
 
 State (last start / finish / success, counts, lag, last error, failures, next attempt) lives in
 ``<data_dir>/sources/<name>/state.json``. A failing source (broker or database down, bad
