@@ -149,7 +149,7 @@ class Emitter:
         cols = [
             eid,
             take_strings(users, uidx),
-            take_strings(workspaces, uidx),
+            _take_unique(workspaces, uidx),
             take_strings(self.types, ev.etype),
             ts,
             take_strings(self.items, item),
@@ -160,10 +160,19 @@ class Emitter:
             pa.array(ev.top, type=pa.float64(), mask=np.isnan(ev.top)),
             pa.array(ev.first == 1, type=pa.bool_(), mask=ev.first < 0),
             take_strings(self.props, ev.prop),
-            take_strings(traits, np.where(ev.traits, uidx, -1)),
+            _take_unique(traits, np.where(ev.traits, uidx, -1)),
         ]
         table = pa.Table.from_arrays(cols, schema=DICT_SCHEMA)
         return table if dictionary else table.cast(EVENT_ARROW_SCHEMA)
+
+
+def _take_unique(values: pa.Array, index: np.ndarray) -> pa.DictionaryArray:
+    """Like :func:`take_strings` for per-user values that repeat (workspace ids, traits): the
+    dictionary holds each distinct string once, so Parquet writes it without re-hashing."""
+    enc = values.dictionary_encode()
+    codes = enc.indices.to_numpy()
+    idx = np.asarray(index)
+    return take_strings(enc.dictionary, np.where(idx >= 0, codes[np.maximum(idx, 0)], -1))
 
 
 def chunk_strings(pop: Population, u0: int, u1: int) -> tuple[pa.Array, pa.Array]:

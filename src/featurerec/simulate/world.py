@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 
 from featurerec import __version__
 from featurerec.errors import DataError
+from featurerec.events.schema import EVENT_ARROW_SCHEMA
 from featurerec.simulate.catalog import (
     CORE_FEATURES,
     DISABLED_FLAGS,
@@ -142,7 +143,10 @@ def load_config(d: dict[str, Any]) -> WorldConfig:
 
 #: Parquet writer settings: dictionaries and statistics only where they pay off.
 PARQUET_OPTIONS: dict[str, Any] = {
-    "compression": "snappy",
+    # random hex ids barely compress (hex alphabet only): store them plain, snappy the rest
+    "compression": {
+        name: ("none" if name == "event_id" else "snappy") for name in EVENT_ARROW_SCHEMA.names
+    },
     "use_dictionary": [
         "user_id",
         "workspace_id",
