@@ -25,8 +25,15 @@ from rich.table import Table
 
 from featurerec.config import Settings, load_settings
 
-console = Console()
-err_console = Console(stderr=True)
+
+def _console(stderr: bool = False) -> Console:
+    # Piped output (make demo, CI logs) would default to 80 columns and truncate tables.
+    probe = Console(stderr=stderr)
+    return probe if probe.is_terminal else Console(stderr=stderr, width=160)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 
 def settings_from(ctx: typer.Context) -> Settings:
