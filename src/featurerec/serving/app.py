@@ -663,6 +663,11 @@ def _mount_sources(app: FastAPI, runtime: ServingRuntime) -> None:
 def app_factory() -> FastAPI:
     """uvicorn factory (``featurerec serve``): settings from FEATUREREC_CONFIG /
     FEATUREREC_DATA_DIR, so every worker process builds the same app."""
+    import sys
+
     from featurerec.config import load_settings
 
+    # The log's fsync thread hands completed syncs back to the event loop; with CPython's
+    # default 5 ms GIL switch interval a busy loop could hold that hand-off for up to 5 ms.
+    sys.setswitchinterval(0.0005)
     return create_app(settings=load_settings())

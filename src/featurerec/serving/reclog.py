@@ -2,8 +2,8 @@
 
 Every served recommendation is one JSON line in a ``reclog-*.jsonl`` segment, every
 impression / click / dismiss one line in a ``feedback-*.jsonl`` segment, under
-``<data>/serving/log``. Group commit: the lines of every request that finishes in one
-event-loop turn are written together and ``fsync``-ed once before any of those requests
+``<data>/serving/log``. Group commit: the lines of all requests that finish while the
+previous sync runs are written together and ``fsync``-ed once before any of those requests
 resumes, so a response is never sent for a recommendation that is not on disk (kill the
 process at any point: every acknowledged id is in the log; at most the torn tail of an
 unacknowledged line is lost, and readers skip it).
@@ -20,6 +20,7 @@ import asyncio
 import os
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,10 +62,11 @@ FEEDBACK_COLUMNS: dict[str, pa.DataType] = {
 class DurableLog:
     """Append-only JSONL segments with group commit (one fsync per group of requests).
 
-    ``append_async`` (the server) queues the lines of a request and, once per event-loop
-    turn, writes everything queued and ``fsync``-s once before any of those requests
-    resumes: all requests that completed in the same turn share one fsync, and no thread
-    hand-off (and no GIL wait) sits on the request path. ``append`` (CLI, tests) writes and
+    ``append_async`` (the server) queues the lines of a request; one writer task writes and
+    ``fsync``-s everything queued on a dedicated thread (the event loop keeps serving while
+    the disk syncs) and releases those requests when the sync returns; what queued up
+    meanwhile goes in the next sync. So a slow disk costs each request about one or two
+    fsyncs of latency, never one fsync per other request ahead of it. ``append`` (CLI, tests) writes and
     syncs at once. ``fsync=False`` is for tests that do not care about power loss.
     """
 
@@ -90,7 +92,9 @@ class DurableLog:
         self.commits = 0
         self._closed = False
         self._pending: list[tuple[bytes, int, asyncio.Future[None]]] = []
-        self._flush_scheduled = False
+        self._flushing = False
+        self._flusher: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"{prefix}-fsync")
 
     @staticmethod
     def encode(records: list[dict[str, Any]]) -> bytes:
@@ -102,7 +106,7 @@ class DurableLog:
             self._write(self.encode(records), len(records))
 
     async def append_async(self, records: list[dict[str, Any]]) -> None:
-        """Await durability of ``records`` (group commit within the event loop)."""
+        """Await durability of ``records`` (group commit, see the class doc)."""
         if not records:
             return
         if self._closed:
@@ -110,13 +114,33 @@ class DurableLog:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         self._pending.append((self.encode(records), len(records), fut))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
+        if not self._flushing:
+            self._flushing = True
+            self._flusher = loop.create_task(self._flush_loop())
         await fut
 
+    async def _flush_loop(self) -> None:
+        """While lines are queued: write + fsync them on the writer thread (the event loop
+        keeps serving meanwhile), then release their requests. Lines queued during one
+        fsync all go into the next: that is the group commit."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                data = b"".join(b[0] for b in batch)
+                err: BaseException | None = None
+                try:
+                    await loop.run_in_executor(
+                        self._executor, self._write, data, sum(b[1] for b in batch)
+                    )
+                except (OSError, RuntimeError) as exc:
+                    err = exc
+                _settle_all(batch, err)
+        finally:
+            self._flushing = False
+
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        """Write whatever is queued, synchronously (used at close)."""
         batch, self._pending = self._pending, []
         if not batch:
             return
@@ -125,13 +149,7 @@ class DurableLog:
             self._write(b"".join(b[0] for b in batch), sum(b[1] for b in batch))
         except OSError as exc:
             err = exc
-        for _, _, fut in batch:
-            if fut.done():
-                continue
-            if err is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(err)
+        _settle_all(batch, err)
 
     def close(self) -> None:
         """Flush what is queued and close the segment."""
@@ -139,6 +157,7 @@ class DurableLog:
             return
         self._flush()
         self._closed = True
+        self._executor.shutdown(wait=True)
         with self._lock:
             if self._fd is not None:
                 os.close(self._fd)
@@ -176,6 +195,18 @@ class DurableLog:
             self._size += len(data)
             self.records_written += n_records
             self.commits += 1
+
+
+def _settle_all(
+    batch: list[tuple[bytes, int, asyncio.Future[None]]], err: BaseException | None
+) -> None:
+    for _, _, fut in batch:
+        if fut.done() or fut.get_loop().is_closed():
+            continue
+        if err is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(err)
 
 
 # -- reading -----------------------------------------------------------------------------
