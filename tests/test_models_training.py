@@ -148,3 +148,21 @@ def test_model_evaluation_stage_reports_promotion_metrics(
         assert key in res.metrics
         assert np.isfinite(res.metrics[key])
     assert res.metrics["ndcg@5"] == res.metrics["hybrid.ndcg@5"]
+
+
+def test_validation_split_uses_transitions_from_before_its_cut(warehouse: DuckDBEngine) -> None:
+    from featurerec.models.fit import validation_split
+
+    d = load_training_data(warehouse, SETTINGS, validation_days=7)
+    sp_ = validation_split(d, 7)
+    assert sp_ is not None and d.pre_transitions is not None
+    assert sp_.cut_day == pytest.approx(d.pre_transitions_cut)
+    assert sp_.pre.transitions == d.pre_transitions
+    # the full-window transitions count more pairs than the ones that ended at the cut
+    total = warehouse.query_rows(
+        "SELECT SUM(transition_count) AS n FROM ml.feature_transition_probs"
+    )
+    assert total[0]["n"] > 0
+    # another validation length does not reuse them
+    other = validation_split(d, 3)
+    assert other is not None and other.pre.transitions == d.transitions

@@ -37,7 +37,7 @@ the logging policy showing some features more than others. ``update`` takes one 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Self
 
@@ -277,17 +277,8 @@ class ContextualBandit:
         up = np.asarray(upstream, dtype=np.float64)
         x = self.features(users, up[:, None] if up.ndim == 1 else up[:, None, :])[:, 0, :]
         x, items, r, w = x[keep], item_ids[keep], rewards[keep], w[keep]
-        wx = x * w[:, None]
-        order = np.argsort(items, kind="stable")
-        items_sorted = items[order]
-        uniq, starts = np.unique(items_sorted, return_index=True)
-        ends = np.r_[starts[1:], len(items_sorted)]
-        A, b = self.G.copy(), self.h.copy()
-        for a, s0, s1 in zip(uniq, starts, ends, strict=True):
-            sel = order[s0:s1]
-            A[a] += wx[sel].T @ x[sel]
-            b[a] += wx[sel].T @ r[sel]
-        self.G, self.h = A, b
+        G, h = self.stats(x, items, r, w)
+        self.G, self.h = self.G + G, self.h + h
         self._solve()
         self.observations += int(keep.sum())
         if decay:
@@ -295,6 +286,29 @@ class ContextualBandit:
         if len(x):
             preds = np.einsum("nd,nd->n", self.theta[items], x)
             self.calibrator = Calibrator.fit(preds, seed=self.seed)
+        return self
+
+    def stats(
+        self, x: np.ndarray, items: np.ndarray, r: np.ndarray, w: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Sufficient statistics (G, h) of rows ``x`` (n, dim) shown as ``items``."""
+        w = np.ones(len(x)) if w is None else w
+        wx = x * w[:, None]
+        order = np.argsort(items, kind="stable")
+        uniq, starts = np.unique(items[order], return_index=True)
+        ends = np.r_[starts[1:], len(items)]
+        G = np.zeros((len(self.space), self.dim, self.dim))
+        h = np.zeros((len(self.space), self.dim))
+        for a, s0, s1 in zip(uniq, starts, ends, strict=True):
+            sel = order[s0:s1]
+            G[a] = wx[sel].T @ x[sel]
+            h[a] = wx[sel].T @ r[sel]
+        return G, h
+
+    def with_arm_precision(self, value: float) -> Self:
+        """The same bandit state solved with another ``arm_precision``."""
+        self.params = replace(self.params, arm_precision=float(value))
+        self._solve()
         return self
 
     # -- Scorer-style API -----------------------------------------------------------------

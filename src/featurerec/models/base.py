@@ -94,6 +94,11 @@ class TrainingData:
     #: ``is_first_use`` (the user's true first use) where one lies in the window. Pairs
     #: without it were adopted before the window (or the source does not flag first uses).
     adopted_at: sp.csr_matrix | None = None
+    #: Optional: transition probabilities computed with the window ending at
+    #: ``pre_transitions_cut`` (epoch days), so a validation split cut there does not see
+    #: transitions from after the cut.
+    pre_transitions: dict[tuple[str, str], float] | None = None
+    pre_transitions_cut: float | None = None
 
     def user_states(self, user_ids: Sequence[str] | None = None) -> list[UserState]:
         ids = self.users if user_ids is None else list(user_ids)

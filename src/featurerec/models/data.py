@@ -48,12 +48,20 @@ def _exists(engine: Any, table: str) -> bool:
 
 
 def load_training_data(
-    engine: Any, settings: Any = None, as_of: datetime | None = None
+    engine: Any,
+    settings: Any = None,
+    as_of: datetime | None = None,
+    *,
+    validation_days: float | None = 7.0,
 ) -> TrainingData:
     """Build :class:`TrainingData` from the ml.* tables.
 
     ``as_of`` bounds the event counts (default: no bound; the tables themselves were built
-    for one as-of time). Raises :class:`DataError` naming a missing or empty table.
+    for one as-of time). With ``validation_days``, transition probabilities are also
+    computed (PIPE's ``feature_transitions.sql``, read-only) for the window ending at the
+    validation cut that :func:`featurerec.models.fit.validation_split` will use, so
+    validation never sees transitions from after its cut.
+    Raises :class:`DataError` naming a missing or empty table.
     """
     if not _exists(engine, INTERACTIONS):
         raise DataError(
@@ -138,8 +146,13 @@ def load_training_data(
             )
         )
     adopted_at = None
+    pre_transitions = None
+    pre_cut = None
     if _exists(engine, "events"):
         adopted_at = _flagged_first_uses(engine, settings, as_of, users, features)
+        if validation_days is not None and first_used.nnz:
+            pre_cut = float(first_used.data.max()) - float(validation_days)
+            pre_transitions = _transitions_at(engine, settings, pre_cut)
     return TrainingData(
         users=users,
         features=features,
@@ -151,7 +164,36 @@ def load_training_data(
         as_of="" if as_of is None else as_of.isoformat(),
         first_used=first_used,
         adopted_at=adopted_at,
+        pre_transitions=pre_transitions,
+        pre_transitions_cut=pre_cut,
     )
+
+
+def _transitions_at(engine: Any, settings: Any, cut_day: float) -> dict[tuple[str, str], float]:
+    """Transition probabilities for the window ending at ``cut_day`` (epoch days)."""
+    from featurerec.warehouse.engine import load_sql
+
+    w = getattr(settings, "windows", None)
+    cut = (_EPOCH + np.timedelta64(round(cut_day * 86_400e6), "us")).astype(datetime)
+    tbl = engine.query_arrow(
+        load_sql("feature_transitions.sql"),
+        {
+            "as_of": cut,
+            "days": int(getattr(w, "transition_days", 30)),
+            "min_count": int(getattr(w, "min_transition_count", 50)),
+        },
+    )
+    if tbl.num_rows == 0:
+        return {}
+    return {
+        (str(a), str(b)): float(p or 0.0)
+        for a, b, p in zip(
+            tbl["from_feature"].to_pylist(),
+            tbl["to_feature"].to_pylist(),
+            tbl["transition_prob"].to_pylist(),
+            strict=True,
+        )
+    }
 
 
 def _flagged_first_uses(
