@@ -192,9 +192,11 @@ def test_consume_filter_quarantine_and_commit(settings: Settings, broker: str) -
 
     writer = DedupeWriter(settings)
     ingest = _ingest(settings, broker, "g-main", writer, batch_size=100)
-    progress = ingest.run(idle_timeout=1.5)
-    assert progress.consumed == 230  # nothing from billing.invoices
+    progress = ingest.run(max_messages=230, idle_timeout=10)
+    assert progress.consumed == 230
     assert writer.count() == 205
+    from_billing = "TRY_CAST(substr(event_id, 5) AS INTEGER) >= 5000"  # evt_5000… were billing
+    assert writer.count(f"SELECT count(*) FROM events WHERE {from_billing}") == 0
     assert writer.count("SELECT count(*) FROM events WHERE event_type = 'task_created'") == 5
     assert progress.filtered == 20 and progress.quarantined == 5
     q = writer.db.query_rows("SELECT location, reason FROM ingest_quarantine ORDER BY reason")
@@ -234,12 +236,12 @@ def test_replay_after_crash_adds_nothing(settings: Settings, broker: str) -> Non
 
     crashing._make_consumer = make  # type: ignore[method-assign]
     with pytest.raises(Crash):
-        crashing.run(idle_timeout=1.5)
+        crashing.run(idle_timeout=10)
     stored = writer.count()
     assert 0 < stored <= 300 and writer.calls == 1  # one batch stored, its commit failed
 
     restarted = _ingest(settings, broker, "g-replay", writer, topic_pattern=f"^{topic}$")
-    progress = restarted.run(idle_timeout=1.5)
+    progress = restarted.run(max_messages=300, idle_timeout=10)
     assert progress.consumed == 300  # the uncommitted batch was redelivered…
     assert writer.count() == 300  # …and added nothing: every event once
     assert writer.duplicates == stored
@@ -297,7 +299,7 @@ def test_broker_down_is_reported_not_a_crash(settings: Settings) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ingest = _ingest(settings, f"127.0.0.1:{port}", "g-down", DedupeWriter(settings))
-    progress = ingest.run(idle_timeout=1.0, join_timeout=1.5)
+    progress = ingest.run(idle_timeout=0.5, join_timeout=1.0)
     assert progress.consumed == 0
     assert progress.broker_error is not None
 
@@ -334,8 +336,10 @@ def test_cli_sources_kafka_lands_then_sync_drains(tmp_path: Any, broker: str) ->
             topic,
             "--group",
             "g-cli",
+            "--max-messages",
+            "41",
             "--idle-timeout",
-            "1.5",
+            "10",
             *[a for k, v in GROUP_CONF.items() for a in ("-X", f"{k}={v}")],
         ],
     )
@@ -378,9 +382,9 @@ def test_failed_commit_is_reported_not_fatal(settings: Settings, broker: str) ->
         raise ck.KafkaException(ck.KafkaError(ck.KafkaError.REBALANCE_IN_PROGRESS))
 
     ingest._make_consumer = lambda: _CommitFails(real_make(), refuse)  # type: ignore[method-assign]
-    progress = ingest.run(idle_timeout=1.0)
+    progress = ingest.run(max_messages=30, idle_timeout=10)
     assert progress.consumed == 30 and progress.commit_failures >= 1
     assert "offset commit failed" in (progress.broker_error or "")
     again = _ingest(settings, broker, "g-rebalance", writer, topic_pattern=f"^{topic}$")
-    assert again.run(idle_timeout=1.0).consumed == 30  # re-read…
+    assert again.run(max_messages=30, idle_timeout=10).consumed == 30  # re-read…
     assert writer.count() == 30  # …stored once

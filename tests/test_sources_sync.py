@@ -194,7 +194,7 @@ def test_sync_reports_a_down_kafka_broker_for_backoff(tmp_path: Path) -> None:
                     "options": {
                         "bootstrap_servers": f"127.0.0.1:{port}",
                         "batch_timeout_seconds": 0.2,
-                        "max_seconds_per_sync": 2,
+                        "max_seconds_per_sync": 1,
                         "config": {"log_level": "0"},
                     },
                 }

@@ -99,7 +99,7 @@ def _run_kafka(
     timer = threading.Timer(options.max_seconds_per_sync, ingest.stop)
     timer.start()
     try:
-        progress = ingest.run(idle_timeout=max(2.0, 2 * options.batch_timeout_seconds))
+        progress = ingest.run(idle_timeout=max(1.0, 2 * options.batch_timeout_seconds))
     finally:
         timer.cancel()
     if progress.consumed == 0 and ingest.assigned_at is None and progress.broker_error:
