@@ -77,9 +77,9 @@ def main() -> None:
         act = 300.0
         for _ in range(2):
             probe = generate_world(
-                WorldConfig(users=5000, days=1, seed=0, params=WorldParams(activity_scale=act))
+                WorldConfig(users=15000, days=1, seed=0, params=WorldParams(activity_scale=act))
             ).write(tmp / "probe")
-            per_user = probe.feature_used_events / 5000
+            per_user = probe.feature_used_events / 15000
             act *= SPEC_FEATURE_USED_PER_DAY / (per_user * 150_000)
             shutil.rmtree(tmp / "probe")
         spec = run(

@@ -159,3 +159,18 @@ def test_advance_without_exposures_and_bad_input(world_dir: Path) -> None:
         state.advance(1, pa.table({"user_id": ["usr_0000001"]}))
     with pytest.raises(DataError, match="days must be >= 1"):
         state.advance(0)
+
+
+def test_adoption_propensity_predicts_organic_adoption(world_dir: Path) -> None:
+    """The organic-adoption ceiling ranks the features users really adopted next above the
+    ones they did not, and is 0 where a feature is already used."""
+    truth = GroundTruth.load(world_dir)
+    asof = truth.days - 6
+    users = np.arange(truth.n_users)
+    prop = truth.adoption_propensity(users, asof, horizon_days=5)
+    assert np.all(prop[truth.adopt_day <= asof] == 0)
+    assert np.all((prop >= 0) & (prop <= 1))
+    later = (truth.adopt_day > asof) & (truth.adopt_day < 2**30)
+    cand = (truth.adopt_day > asof) & truth.eligible & (prop > 0)
+    assert later.sum() > 50
+    assert prop[later & cand].mean() > 3 * prop[cand & ~later].mean()

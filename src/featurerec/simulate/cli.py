@@ -64,7 +64,8 @@ def simulate(
 ) -> None:
     """Generate a CloudFlow world: events, product tables and hidden ground truth.
 
-    Default: 5,000 users x 60 days (~2.3M events, ~15 s). Sub-commands: calibrate.
+    Default: 5,000 users x 60 days (about 1M events, 0.33M feature_used; a few seconds).
+    Sub-commands: calibrate.
     """
     if ctx.invoked_subcommand is not None:
         return
