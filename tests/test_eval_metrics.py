@@ -79,3 +79,11 @@ def test_gap_closed() -> None:
     assert rows["hybrid"]["gap_closed[ndcg@5]"] == pytest.approx(0.5)
     assert rows["hybrid"]["gap_closed[hit_rate@3]"] == pytest.approx(0.25)
     assert rows["oracle"]["gap_closed[ndcg@5]"] == pytest.approx(1.0)
+    assert rows["hybrid"]["gap_to_perfect_closed[ndcg@5]"] == pytest.approx(0.2 / 0.8)
+    # an oracle below popularity is no ceiling: NaN, not a misleading ratio
+    rows = {
+        "popularity": {"ndcg@5": 0.6, "hit_rate@3": 0.6},
+        "oracle": {"ndcg@5": 0.5, "hit_rate@3": 0.5},
+    }
+    add_gap_closed(rows)
+    assert math.isnan(rows["oracle"]["gap_closed[ndcg@5]"])

@@ -19,6 +19,7 @@ COLUMNS = (
     "novelty",
     "diversity_score",
     "gap_closed[ndcg@5]",
+    "gap_to_perfect_closed[ndcg@5]",
     "users",
 )
 
@@ -40,6 +41,10 @@ def evaluate_cmd(
         bool, typer.Option("--segments/--no-segments", help="Also print per-segment tables.")
     ] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Also write rows, split/training info and machine facts here."),
+    ] = None,
 ) -> None:
     """Train on the past, rank for the held-out window, and score every strategy
     (plus random, popularity and, with --world, the oracle)."""
@@ -56,6 +61,8 @@ def evaluate_cmd(
         result = run_evaluation(
             settings, split=split, holdout_days=holdout_days, k=k, world=world, progress=report
         )
+    if out is not None:
+        _write(out, result, world)
     if json_out:
         print_json(result.rows)
         return
@@ -74,7 +81,37 @@ def evaluate_cmd(
                 if seg in row.get("segments", {})
             }
             if rows:
-                print_table(_table(rows), title=f"segment: {seg}", columns=(*COLUMNS[:-2], "users"))
+                print_table(_table(rows), title=f"segment: {seg}", columns=(*COLUMNS[:-3], "users"))
+
+
+def _write(path: Path, result: Any, world: Path | None) -> None:
+    import json
+    import os
+    import platform
+    from datetime import UTC, datetime
+
+    from featurerec.cli_common import to_json
+
+    manifest = None
+    if world is not None and (world / "manifest.json").exists():
+        m = json.loads((world / "manifest.json").read_text())
+        manifest = {
+            k: m.get(k)
+            for k in ("config", "users", "events", "feature_used_events", "start", "end")
+        }
+    doc = {
+        "rows": result.rows,
+        "info": result.info,
+        "world": manifest,
+        "machine": {
+            "cores": os.cpu_count(),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "python": platform.python_version(),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_json(doc))
 
 
 def _table(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

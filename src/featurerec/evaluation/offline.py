@@ -122,13 +122,24 @@ def evaluate(
 
 
 def add_gap_closed(rows: dict[str, dict[str, Any]], ceiling: str = "oracle") -> None:
-    """Add ``gap_closed[ndcg@5]`` / ``gap_closed[hit_rate@3]``: the share of the
-    popularity-to-oracle gap each row closes (needs both rows)."""
-    if "popularity" not in rows or ceiling not in rows:
+    """Add the share of the gap above popularity each row closes:
+
+    - ``gap_closed[m]``: popularity-to-oracle (needs an oracle row; NaN when the oracle
+      does not beat popularity, i.e. true utility is not the ceiling of next-window
+      adoption in that data);
+    - ``gap_to_perfect_closed[m]``: popularity-to-perfect (1.0, ranking exactly the
+      features adopted in the test window first), always defined.
+    """
+    if "popularity" not in rows:
         return
     for metric in ("ndcg@5", "hit_rate@3"):
-        lo, hi = rows["popularity"][metric], rows[ceiling][metric]
+        lo = rows["popularity"][metric]
+        hi = rows[ceiling][metric] if ceiling in rows else None
         for row in rows.values():
-            row[f"gap_closed[{metric}]"] = (
-                (row[metric] - lo) / (hi - lo) if hi - lo > 1e-12 else float("nan")
+            if hi is not None:
+                row[f"gap_closed[{metric}]"] = (
+                    (row[metric] - lo) / (hi - lo) if hi - lo > 1e-12 else float("nan")
+                )
+            row[f"gap_to_perfect_closed[{metric}]"] = (
+                (row[metric] - lo) / (1.0 - lo) if 1.0 - lo > 1e-12 else float("nan")
             )
