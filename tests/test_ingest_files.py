@@ -274,3 +274,19 @@ def test_world_directory_loads_in_one_go_and_reloads_idempotently(tmp_path, ing,
     assert again.accepted == 0 and again.duplicate == 12
     assert count(db) == 12 and count(db, "users") == 2
     assert not any("ground_truth" in f.path for f in rep.files)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_lines_longer_than_a_block_and_no_final_newline(tmp_path, ing, db, monkeypatch, gz):
+    import featurerec.events.ingest as mod
+
+    monkeypatch.setattr(mod, "NDJSON_BLOCK_BYTES", 64)
+    big = ev(1, properties={"feature_category": "forms", "note": "x" * 500})
+    lines = [orjson.dumps(r).decode() for r in (ev(0), big, ev(2))]
+    data = ("\r\n".join(lines)).encode()  # CRLF line ends, no newline at the end
+    f = tmp_path / ("a.ndjson.gz" if gz else "a.ndjson")
+    f.write_bytes(gzip.compress(data) if gz else data)
+    rep = ing.ingest_paths([f])
+    assert rep.accepted == 3 and rep.quarantined == 0
+    note = db.query_rows("SELECT properties FROM events WHERE event_id = 'evt_1'")[0]["properties"]
+    assert orjson.loads(note) == {"note": "x" * 500}

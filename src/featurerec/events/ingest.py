@@ -83,6 +83,9 @@ CSV_SUFFIXES = (".csv",)
 #: Bytes of NDJSON read per block (cut at the last line end); one block = one batch.
 NDJSON_BLOCK_BYTES = 64 << 20
 
+#: Validate the next block in a worker thread while the current one is stored.
+PREFETCH = True
+
 #: ``on_progress(bytes_done)``: called as input bytes are consumed.
 ProgressHook = Callable[[int], None]
 
@@ -204,30 +207,48 @@ def iter_ndjson_blocks(
     """Yield ``(lines, line_numbers)`` blocks of an NDJSON file, blank lines left out.
 
     Lines are zero-copy slices of one buffer per block (an Arrow string array built from
-    the newline offsets), so splitting costs a numpy scan, not a Python loop.
+    the newline offsets), so splitting costs a numpy scan, not a Python loop. A plain file
+    is read block by block with a seek back to the start of the cut line (no copying);
+    a gzip stream carries the partial line over to the next block.
     """
     block_bytes = block_bytes or NDJSON_BLOCK_BYTES
     with _open_binary(path) as fh:
-        raw_fh = fh.fileobj if isinstance(fh, gzip.GzipFile) else fh  # type: ignore[attr-defined]
+        gz = isinstance(fh, gzip.GzipFile)
+        raw_fh = fh.fileobj if gz else fh  # type: ignore[attr-defined]
         last_pos = 0
         carry = b""
         next_line = 1
+        size = block_bytes
         while True:
-            chunk = fh.read(block_bytes)
+            chunk = fh.read(size)
             data = carry + chunk if carry else chunk
             if not data:
                 break
+            end = len(data)
+            at_eof = len(chunk) < size
+            if chunk and at_eof and not gz:
+                chunk = b""  # the last block of a plain file: handled as the final one
             if chunk:
                 cut = data.rfind(b"\n") + 1
-                if cut == 0:  # one line longer than a block: keep reading
-                    carry = data
+                if cut == 0:  # one line longer than a block: read more
+                    if gz:
+                        carry = data
+                    else:
+                        fh.seek(-len(data), os.SEEK_CUR)
+                    size *= 2
                     continue
-                data, carry = data[:cut], data[cut:]
+                size = block_bytes
+                if gz:
+                    carry = data[cut:]
+                elif cut < end:
+                    fh.seek(cut - end, os.SEEK_CUR)
+                end = cut
             else:
                 carry = b""
                 if not data.endswith(b"\n"):
                     data += b"\n"
-            buf = np.frombuffer(data, dtype=np.uint8)
+                    end = len(data)
+            buf = np.frombuffer(data, dtype=np.uint8, count=end)
             ends = np.flatnonzero(buf == 10)
             starts = np.empty_like(ends)
             starts[0] = 0
@@ -235,7 +256,7 @@ def iter_ndjson_blocks(
             n_lines = len(ends)
             # A line is blank when it holds nothing but an optional \r.
             length = ends - starts
-            blank = (length == 0) | ((length == 1) & (buf[np.minimum(starts, len(buf) - 1)] == 13))
+            blank = (length == 0) | ((length == 1) & (buf[np.minimum(starts, end - 1)] == 13))
             numbers = np.arange(next_line, next_line + n_lines, dtype=np.int64)
             next_line += n_lines
             if blank.any():
@@ -243,7 +264,7 @@ def iter_ndjson_blocks(
                 starts, ends, numbers = starts[keep], ends[keep], numbers[keep]
             lines = _lines_from_offsets(data, starts, ends)
             if on_progress is not None:
-                pos = raw_fh.tell() if hasattr(raw_fh, "tell") else last_pos + len(chunk)
+                pos = raw_fh.tell()
                 on_progress(pos - last_pos)
                 last_pos = pos
             if len(numbers):
@@ -530,7 +551,7 @@ class Ingestor:
                 on_progress(path.stat().st_size)
             return report
         batches = self.iter_file_batches(path, mapping, source=source, on_progress=on_progress)
-        for batch in _prefetch(batches):
+        for batch in _prefetch(batches) if PREFETCH else batches:
             part = self.append(batch)
             fr.received += part.received
             fr.accepted += part.accepted
