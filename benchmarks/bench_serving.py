@@ -278,6 +278,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=72_000)
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--config", type=Path, help="featurerec.toml of the given data dir")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if shutil.which("wrk") is None:
@@ -290,7 +291,7 @@ def main() -> None:
         build_fixture_world(data, args.users)
         world = f"serving fixture world ({args.users} users, seeded; not the simulator)"
     ids = user_ids(data)
-    server = Server(data, tmp)
+    server = Server(data, tmp, config=args.config)
     try:
         readyz = server.start()
         startup_s = server.startup_s
@@ -313,7 +314,9 @@ def main() -> None:
     # Same runs with the rec log written but not fsync-ed: how much of the latency is the
     # disk's fsync (the log still survives a process kill, not a power loss).
     cfg = tmp / "nofsync.toml"
-    cfg.write_text("[serving]\ndurable_log = false\n")
+    base = args.config.read_text() if args.config else ""
+    cfg.write_text(base.replace("[serving]", "[serving]\ndurable_log = false", 1)
+                   if "[serving]" in base else base + "\n[serving]\ndurable_log = false\n")  # fmt: skip
     server = Server(data, tmp, config=cfg)
     try:
         server.start()
