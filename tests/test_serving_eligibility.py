@@ -118,3 +118,77 @@ def test_rollout_is_deterministic_and_roughly_uniform() -> None:
 def test_segment_matching(segment: str, expected: bool) -> None:
     user = UserAttributes("u1", role="pm", plan="pro", team_size_bucket="medium")
     assert segment_matches(segment, user) is expected
+
+
+_SERVICE: dict[str, object] = {}
+
+
+def _service():
+    """A real service (fixture warehouse, trained bundle), built once for this module."""
+    if not _SERVICE:
+        from featurerec.config import Settings
+        from featurerec.serving.snapshot import build_snapshot
+        from featurerec.serving.testing import (
+            FIXTURE_AS_OF,
+            fill_fixture_warehouse,
+            train_fixture_bundle,
+        )
+        from featurerec.warehouse.engine import DuckDBEngine
+
+        with DuckDBEngine(":memory:") as engine:
+            fill_fixture_warehouse(engine, n_users=120, seed=21)
+            snap = build_snapshot(engine, Settings(), FIXTURE_AS_OF)
+        bundle = train_fixture_bundle(snap)
+        _SERVICE.update(snap=snap, bundle=bundle)
+    return _SERVICE
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    user=st.integers(0, 119),
+    history=st.lists(st.tuples(st.integers(0, 9), st.floats(0, 20), st.booleans()), max_size=25),
+    k=st.integers(1, 5),
+    strategy=st.sampled_from(["sequence_aware", "hybrid", "content_based", "popularity"]),
+)
+def test_service_never_serves_an_ineligible_feature(user, history, k, strategy) -> None:
+    """Random exposure / dismissal histories: every served item passes every rule, and
+    serving does not push weekly diversity below target unless only new features were added."""
+    from datetime import datetime, timedelta
+
+    from featurerec.config import Settings
+    from featurerec.serving.deployment import DeploymentSpec
+    from featurerec.serving.fastpath import accelerate
+    from featurerec.serving.loader import BundleModel
+    from featurerec.serving.service import RecommendationRequest, RecommendationService
+    from featurerec.serving.state import OnlineState, epoch_seconds
+
+    fx = _service()
+    state = OnlineState(fx["snap"])  # type: ignore[arg-type]
+    cfg = Settings.model_validate({"serving": {"default_strategy": strategy}})
+    users = state.all_user_states()
+    model = BundleModel(accelerate(fx["bundle"], users), "v", users, warm=[])
+    now = datetime(2027, 1, 10)
+    svc = RecommendationService(cfg, DeploymentSpec(), state, model, clock=lambda: now)
+    uid = f"usr_{user:06d}"
+    row = state.row_of(uid)
+    for j, days_ago, dismissed in history:
+        ts = epoch_seconds(now - timedelta(days=days_ago))
+        if dismissed:
+            state.record_dismissal(uid, state.features[j], ts)
+        else:
+            state.record_served(uid, [j], ts)
+    t_now = epoch_seconds(now)
+    before = state.exposure(row, t_now)
+    res = svc.recommend(RecommendationRequest(uid, k=k))
+    served = [state.findex[r.feature] for r in res.recommendations]
+    assert len(served) == len(set(served)) <= k
+    rules = svc.rules
+    for j in served:
+        assert not fx["snap"].adopted[row, j]  # type: ignore[index]
+        assert before.shown_7d[j] < rules.weekly_frequency_cap
+        assert before.last_dismissed[j] <= t_now - rules.dismissal_cooldown_days * 86_400
+        assert not svc.policy.static_exclude(state.attributes(row))[j]
+    t, u = before.total_shown, before.unique_shown
+    repeats = sum(1 for j in served if before.shown_7d[j] > 0)
+    if served and t:
+        assert (u + len(served) - repeats) / (t + len(served)) >= 0.6 - 1e-9 or repeats == 0
