@@ -332,3 +332,14 @@ def test_engine_never_imports_ground_truth() -> None:
         if re.search(r"simulate\.truth|simulate import truth|GroundTruth|ground_truth/\w", text):
             offenders.append(str(py.relative_to(src)))
     assert not offenders, f"engine modules read the simulator's ground truth: {offenders}"
+
+
+def test_write_refuses_a_folder_that_is_not_a_world(tmp_path: Path) -> None:
+    from featurerec.errors import DataError
+
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(DataError, match="exists and is not a simulated world"):
+        generate_world(WorldConfig(users=20, days=1)).write(tmp_path)
+    assert (tmp_path / "precious.txt").exists()
+    with pytest.raises(SimulationConfigError, match="format must be parquet or ndjson"):
+        generate_world(WorldConfig(users=20, days=1)).write(tmp_path / "x", "csv")  # type: ignore[arg-type]
