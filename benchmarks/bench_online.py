@@ -64,8 +64,13 @@ def main() -> int:
     users = {v.name: v.users for v in result.report.variants}
     checked = [o for o in result.ope if o.inside_online_ci is not None]
     by_variant: dict[str, list[bool]] = {}
+    by_estimator: dict[str, list[bool]] = {}
+    by_metric_dr: dict[str, list[bool]] = {}
     for o in checked:
-        by_variant.setdefault(o.variant, []).append(bool(o.inside_online_ci))
+        by_estimator.setdefault(o.estimator, []).append(bool(o.inside_online_ci))
+        if o.estimator == "dr":
+            by_variant.setdefault(o.variant, []).append(bool(o.inside_online_ci))
+            by_metric_dr.setdefault(o.metric, []).append(bool(o.inside_online_ci))
     out = {
         "benchmark": "online",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -84,7 +89,9 @@ def main() -> int:
         "min_users_per_variant": min(users.values()),
         "response_model": result.response_model,
         "ope_inside_online_ci_share": result.ope_inside_share,
-        "ope_inside_by_variant": {v: sum(x) / len(x) for v, x in by_variant.items()},
+        "ope_inside_by_estimator": {k: sum(x) / len(x) for k, x in by_estimator.items()},
+        "ope_dr_inside_by_variant": {v: sum(x) / len(x) for v, x in by_variant.items()},
+        "ope_dr_inside_by_metric": {m: sum(x) / len(x) for m, x in by_metric_dr.items()},
         "timings": result.timings,
         "counts": result.counts,
         "tables": tables,

@@ -18,7 +18,7 @@ def test_online_experiment_runs_through_the_real_stack(tmp_path) -> None:
     settings = Settings.model_validate({"data_dir": str(tmp_path / "base")})
     spec = find_experiment(settings, "rec-personalization-strategy")
     cfg = OnlineConfig(
-        users=1500, history_days=14, warmup_days=2, weeks=2 / 7, retrain_every_days=7, seed=3
+        users=2500, history_days=20, warmup_days=2, weeks=2 / 7, retrain_every_days=7, seed=3
     )
     exp = OnlineExperiment(spec, cfg, tmp_path / "run", settings)
     result = exp.run()
@@ -28,7 +28,7 @@ def test_online_experiment_runs_through_the_real_stack(tmp_path) -> None:
     assert result.counts["retrains"] == 2  # the setup run and the end of the warm-up
     assert {v.name for v in result.report.variants} == set(spec.variant_names)
     assert sum(v.users for v in result.report.variants) > 100
-    assert not result.report.enough_data  # 1,500 users: far below 5,000 per variant
+    assert not result.report.enough_data  # 2,500 users: far below 5,000 per variant
 
     with DuckDBEngine(tmp_path / "run" / "data" / "warehouse.duckdb", read_only=True) as db:
         rows = db.query_rows(

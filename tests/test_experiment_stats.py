@@ -164,7 +164,8 @@ def test_report_from_warehouse() -> None:
         rep = experiment_report(db, spec, as_of=d(10))
         rows = db.query_rows(
             "SELECT variant, COUNT(DISTINCT user_id) AS u, SUM(clicked) * 1.0 / COUNT(*) AS ctr,"
-            " COUNT(DISTINCT user_id) FILTER (WHERE adopted_7d = 1) AS ad"
+            " COUNT(DISTINCT user_id) FILTER (WHERE adopted_7d = 1) AS ad,"
+            " AVG(adopted_7d) AS per_rec"
             " FROM ml.recommendation_feedback GROUP BY variant"
         )
     want = {r["variant"]: r for r in rows}
@@ -173,4 +174,5 @@ def test_report_from_warehouse() -> None:
         assert v.metrics["click_through_rate"].value == pytest.approx(want[v.name]["ctr"])
         assert v.metrics["feature_adoption_7d"].value == pytest.approx(want[v.name]["ad"] / v.users)
         assert v.metrics["diversity_score"].value == pytest.approx(1.0)
+        assert v.metrics["rec_adoption_7d"].value == pytest.approx(want[v.name]["per_rec"])
     assert sum(v.users for v in rep.variants) == 40

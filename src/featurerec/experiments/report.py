@@ -29,6 +29,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "feature_adoption_30d": ("30d adoption", "proportion"),
     "diversity_score": ("diversity", "mean"),
     "dismissal_rate": ("dismissal rate", "ratio"),
+    #: per recommendation: share of recommendations adopted within 7 days (the per-round
+    #: reward off-policy evaluation estimates; user-clustered like CTR)
+    "rec_adoption_7d": ("7d adoption per rec", "ratio"),
     "p99_latency": ("p99 latency ms", "quantile"),
 }
 #: Metrics tested against control (latency gets a bootstrap interval and p-value too).
@@ -45,6 +48,8 @@ class UserMetrics:
     adopted_7d: np.ndarray
     adopted_30d: np.ndarray
     diversity: np.ndarray
+    #: recommendations of the user adopted within 7 days (None: not loaded -> zeros)
+    adopted_recs_7d: np.ndarray | None = None
 
     @property
     def users(self) -> int:
@@ -53,7 +58,7 @@ class UserMetrics:
     @classmethod
     def empty(cls) -> UserMetrics:
         z = np.zeros(0)
-        return cls(z, z, z, z, z, z)
+        return cls(z, z, z, z, z, z, z)
 
     @classmethod
     def from_rows(cls, rows: list[dict[str, Any]]) -> UserMetrics:
@@ -67,6 +72,7 @@ class UserMetrics:
             col("adopted_7d"),
             col("adopted_30d"),
             col("diversity"),
+            col("adopted_recs_7d") if rows and "adopted_recs_7d" in rows[0] else None,
         )
 
 
@@ -102,6 +108,9 @@ def _estimates(u: UserMetrics, latency: np.ndarray | None, seed: int) -> dict[st
         "feature_adoption_30d": st.proportion(u.adopted_30d),
         "diversity_score": st.mean(u.diversity),
         "dismissal_rate": st.ratio_of_sums(u.dismissals, u.recs),
+        "rec_adoption_7d": st.ratio_of_sums(
+            u.adopted_recs_7d if u.adopted_recs_7d is not None else np.zeros_like(u.recs), u.recs
+        ),
     }
     if latency is not None and latency.size:
         out["p99_latency"] = st.quantile_bootstrap(latency, 0.99, seed=seed)[0]

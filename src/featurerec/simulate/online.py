@@ -272,6 +272,12 @@ class OnlineExperiment:
         record = runner.run(as_of)
         if record.status != "passed":
             failed = [n for n, s in record.stages.items() if s.status != "passed"]
+            if not hasattr(self, "model"):
+                raise DataError(
+                    f"the first pipeline run on the simulated world {record.status} (stages "
+                    f"{failed}); nothing to serve. A bigger world (--users) or a pipeline spec "
+                    f"whose quality gates fit it ({self.cfg.pipeline_spec}) is needed"
+                )
             self.notes.append(f"day {self.day}: pipeline {record.status} (stages {failed})")
         self._time("pipeline", t0)
         t0 = time.perf_counter()
@@ -649,9 +655,11 @@ class OnlineExperiment:
             )  # fmt: skip
             # rows with no target mass at a position cannot sum to 1: give the rest to "none"
             d = dist[cidx]
+            # per-round rewards; compared online with the per-recommendation rates (CTR and
+            # rec_adoption_7d), user-clustered on both sides
             for metric, reward, mask in (
                 ("click_through_rate", np.asarray(click), np.ones(len(a), bool)),
-                ("feature_adoption_7d", np.asarray(adopt), done_rows),
+                ("rec_adoption_7d", np.asarray(adopt), done_rows),
             ):
                 if mask.sum() < 50:
                     out.append({"variant": v.name, "strategy": strategy, "metric": metric,

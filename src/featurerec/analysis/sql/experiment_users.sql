@@ -19,14 +19,16 @@ per_user AS (
            COUNT(*) AS recs,
            SUM(clicked) AS clicks,
            SUM(dismissed) AS dismissals,
+           SUM(adopted_7d) AS adopted_recs_7d,
            MAX(adopted_7d) AS adopted_7d,
            MAX(adopted_30d) AS adopted_30d
     FROM recs
     GROUP BY variant, user_id
 )
-SELECT p.variant, p.user_id, p.recs, p.clicks, p.dismissals, p.adopted_7d, p.adopted_30d,
-       AVG(w.diversity) AS diversity
+SELECT p.variant, p.user_id, p.recs, p.clicks, p.dismissals, p.adopted_recs_7d,
+       p.adopted_7d, p.adopted_30d, AVG(w.diversity) AS diversity
 FROM per_user p
 JOIN weekly w ON w.variant = p.variant AND w.user_id = p.user_id
-GROUP BY p.variant, p.user_id, p.recs, p.clicks, p.dismissals, p.adopted_7d, p.adopted_30d
+GROUP BY p.variant, p.user_id, p.recs, p.clicks, p.dismissals, p.adopted_recs_7d,
+         p.adopted_7d, p.adopted_30d
 ORDER BY p.variant, p.user_id;
