@@ -176,3 +176,16 @@ def test_report_from_warehouse() -> None:
         assert v.metrics["diversity_score"].value == pytest.approx(1.0)
         assert v.metrics["rec_adoption_7d"].value == pytest.approx(want[v.name]["per_rec"])
     assert sum(v.users for v in rep.variants) == 40
+
+
+def test_quantile_bootstrap_matches_resampling() -> None:
+    """The Beta order-statistic shortcut has the distribution of brute-force resampling."""
+    rng = np.random.default_rng(11)
+    x = rng.gamma(3, 10, 400)
+    est, reps = st.quantile_bootstrap(x, 0.9, n_boot=4000, seed=1)
+    brute = np.array(
+        [np.sort(rng.choice(x, x.size))[int(np.ceil(0.9 * x.size)) - 1] for _ in range(4000)]
+    )
+    assert est.value == pytest.approx(np.quantile(x, 0.9))
+    assert stats.ks_2samp(reps, brute).pvalue > 0.001
+    assert est.ci_low < est.value < est.ci_high

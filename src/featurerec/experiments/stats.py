@@ -112,14 +112,23 @@ def mean(x: np.ndarray) -> Estimate:
 def quantile_bootstrap(
     x: np.ndarray, q: float, *, n_boot: int = 1000, seed: int = 0
 ) -> tuple[Estimate, np.ndarray]:
-    """``q``-quantile with a percentile-bootstrap interval; also returns the replicates."""
+    """``q``-quantile with a percentile-bootstrap interval; also returns the replicates.
+
+    A resample's ``q``-quantile is its ``r``-th order statistic (``r = ceil(q n)``), and the
+    ``r``-th order statistic of ``n`` draws from the empirical distribution is
+    ``sorted(x)[ceil(n U) - 1]`` with ``U ~ Beta(r, n - r + 1)``: drawing ``U`` gives the
+    exact bootstrap distribution in O(n_boot) instead of resampling n values each time
+    (latency logs have hundreds of thousands of requests).
+    """
     n = int(x.size)
     if n == 0:
         return _none(), np.empty(0)
     value = float(np.quantile(x, q))
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    reps = np.quantile(x[idx], q, axis=1)
+    xs = np.sort(np.asarray(x, dtype=np.float64))
+    r = min(max(1, math.ceil(q * n)), n)
+    u = rng.beta(r, n - r + 1, size=n_boot)
+    reps = xs[np.clip(np.ceil(n * u).astype(np.int64) - 1, 0, n - 1)]
     lo, hi = np.quantile(reps, [0.025, 0.975])
     return Estimate(value, float(lo), float(hi), n, "bootstrap"), reps
 
