@@ -48,6 +48,13 @@ def _mock_cluster_ctypes() -> tuple[str, Callable[[], None]] | None:
         lib = ctypes.CDLL(libs[0])
         lib.rd_kafka_conf_new.restype = ctypes.c_void_p
         lib.rd_kafka_new.restype = ctypes.c_void_p
+        lib.rd_kafka_conf_set.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+        ]
         lib.rd_kafka_new.argtypes = [
             ctypes.c_int,
             ctypes.c_void_p,
@@ -67,7 +74,9 @@ def _mock_cluster_ctypes() -> tuple[str, Callable[[], None]] | None:
     except (OSError, AttributeError):
         return None
     err = ctypes.create_string_buffer(512)
-    rk = lib.rd_kafka_new(0, lib.rd_kafka_conf_new(), err, 512)
+    conf = lib.rd_kafka_conf_new()
+    lib.rd_kafka_conf_set(conf, b"log_level", b"0", err, 512)  # no "no bootstrap" warning
+    rk = lib.rd_kafka_new(0, conf, err, 512)
     if not rk:
         return None
     mc = lib.rd_kafka_mock_cluster_new(rk, 1)

@@ -325,22 +325,18 @@ class KafkaIngest:
         )
 
         fmt = self.options.format
-        # spec-shaped values per (topic, partition), with their offsets
-        spec: dict[tuple[str, int], tuple[list[bytes], list[int]]] = {}
+        spec_values: list[bytes] = []
+        spec_locs: list[str] = []
         segment_msgs: list[Any] = []
         segment_locs: list[str] = []
         bad: list[QuarantinedRecord] = []
         for m in msgs:
             value = m.value()
-            if value and (fmt == "spec" or (fmt == "auto" and b'"event_type"' in value)):
-                key = (str(m.topic()), int(m.partition() or 0))
-                group = spec.get(key)
-                if group is None:
-                    group = spec[key] = ([], [])
-                group[0].append(value)
-                group[1].append(int(m.offset() or 0))
-                continue
             loc = f"{m.topic()}[{m.partition()}]:{m.offset()}"
+            if value and (fmt == "spec" or (fmt == "auto" and b'"event_type"' in value)):
+                spec_values.append(value)
+                spec_locs.append(loc)
+                continue
             if not value:
                 bad.append(QuarantinedRecord(self.name, loc, "empty message (tombstone)", ""))
                 continue
@@ -355,14 +351,11 @@ class KafkaIngest:
                 segment_msgs.append(obj)
                 segment_locs.append(loc)
             else:
-                key = (str(m.topic()), int(m.partition() or 0))
-                group = spec.setdefault(key, ([], []))
-                group[0].append(value)
-                group[1].append(int(m.offset() or 0))
-        parts: list[Any] = [
-            self._validate_partition(topic, partition, values, offsets)
-            for (topic, partition), (values, offsets) in spec.items()
-        ]
+                spec_values.append(value)
+                spec_locs.append(loc)
+        parts: list[Any] = []
+        if spec_values:
+            parts.append(self._validate_spec(spec_values, spec_locs))
         traits = None
         if segment_msgs:
             mapped = map_messages(
@@ -412,34 +405,19 @@ class KafkaIngest:
             traits,
         )
 
-    def _validate_partition(
-        self, topic: str, partition: int, values: list[bytes], offsets: list[int]
-    ) -> Any:
-        """Validate one partition's spec-shaped values; locations are ``topic[p]:offset``.
-
-        Fast path: the values become one Arrow string array for the vectorised
-        ``normalize_lines``; a value that is not UTF-8 sends the chunk through
-        ``normalize_records``, which quarantines just that value.
-        """
+    def _validate_spec(self, values: list[bytes], locations: list[str]) -> Any:
+        """Validate spec-shaped values in one vectorised ``normalize_lines`` call (one Arrow
+        string array); when a value is not UTF-8 the batch goes through
+        ``normalize_records``, which quarantines just that value."""
         from featurerec.events.validate import normalize_lines, normalize_records
 
-        prefix = f"{topic}[{partition}]"
         try:
             lines = pa.array(values, pa.binary()).cast(pa.string())
         except (pa.ArrowInvalid, UnicodeDecodeError):
             return normalize_records(
-                values,
-                settings=self.settings,
-                source=self.name,
-                locations=[f"{prefix}:{o}" for o in offsets],
+                values, settings=self.settings, source=self.name, locations=locations
             )
-        return normalize_lines(
-            lines,
-            settings=self.settings,
-            source=self.name,
-            location_prefix=prefix,
-            line_numbers=np.asarray(offsets, dtype=np.int64),
-        )
+        return normalize_lines(lines, settings=self.settings, source=self.name, locations=locations)
 
     def _update_lag(self, consumer: ck.Consumer) -> None:
         """Per-partition lag = high watermark − position (cached watermarks, no round trip)."""
