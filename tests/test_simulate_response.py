@@ -145,6 +145,14 @@ def test_advance_continues_the_world_with_exposures(world_dir: Path) -> None:
     for r in adopted:
         assert first.get((r["user_id"], r["feature"])) is not None
         assert first[(r["user_id"], r["feature"])] <= r["adopted_at"]
+    # clicks show the feature: a feature_discovered event for every clicked pair
+    discovered = {
+        (u, f)
+        for u, f, e in zip(ev["user_id"], ev["feature_category"], ev["event_type"], strict=True)
+        if e == "feature_discovered"
+    }
+    clicked = [r for r in res.responses.to_pylist() if r["clicked"]]
+    assert clicked and all((r["user_id"], r["feature"]) in discovered for r in clicked)
     # ground truth follows the world
     idx = truth.user_index([r["user_id"] for r in adopted])
     fidx = truth.feature_index([r["feature"] for r in adopted])

@@ -82,6 +82,8 @@ class WorldState:
         self._strings: dict[int, tuple[pa.Array, pa.Array, pa.Array]] = {}
         # pending induced first uses: global user, item, us since world start
         self._pending = np.empty((0, 3), dtype=np.int64)
+        # clicks not yet emitted as feature_discovered: global user, item, us since start
+        self._clicks = np.empty((0, 3), dtype=np.int64)
         self._n_advances = 0
 
     @classmethod
@@ -132,10 +134,11 @@ class WorldState:
         pend = np.stack([users, items, adopted_at_us.astype(np.int64)], axis=1)[out.adopted]
         self._pending = np.concatenate([self._pending, pend])
         # clicks show the feature: a feature_discovered event at click time
-        self._clicks = np.stack(
+        clicks = np.stack(
             [users, items, (shown_us + np.nan_to_num(out.click_delay_s) * S_US).astype(np.int64)],
             axis=1,
         )[out.clicked]
+        self._clicks = np.concatenate([self._clicks, clicks])
         return pa.table(
             {
                 "recommendation_id": t.column("recommendation_id").cast(pa.string()),
@@ -157,7 +160,6 @@ class WorldState:
         """Simulate ``days`` more days; see the module docstring for ``exposures``."""
         if days < 1:
             raise DataError(f"days must be >= 1 (got {days})")
-        self._clicks = np.empty((0, 3), dtype=np.int64)
         if exposures is not None and len(exposures) > 0:
             responses = self._responses(exposures, seed * 1_000_003 + self._n_advances)
         else:
@@ -173,7 +175,10 @@ class WorldState:
             self._pending = self._pending[~due]
             today[:, 2] = np.maximum(today[:, 2], lo)
             chunk_of = self._chunk_of(today[:, 0]) if len(today) else np.empty(0, int)
-            clicks = self._clicks[(self._clicks[:, 2] >= lo) & (self._clicks[:, 2] < hi)]
+            due_c = self._clicks[:, 2] < hi
+            clicks = self._clicks[due_c]
+            self._clicks = self._clicks[~due_c]
+            clicks[:, 2] = np.maximum(clicks[:, 2], lo)
             click_chunk = self._chunk_of(clicks[:, 0]) if len(clicks) else np.empty(0, int)
             for c, sim in enumerate(self.sims):
                 sel = today[chunk_of == c]
