@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import logging
 import zlib
 from collections.abc import Callable
@@ -38,9 +39,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import pyarrow as pa
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from featurerec.config import Settings
 from featurerec.errors import DataError
@@ -154,19 +157,24 @@ def build_router(
                         f"{where} is {size} bytes; the limit is {config.max_message_bytes} "
                         "bytes per message",
                     )
-            result = accept_messages(
-                messages,
-                settings=settings,
-                source=source,
-                received_at=received_at,
-                on_batch=sink(),
-                on_traits=traits_writer,
-                batch_sent_at=batch_sent_at,
-                batch_context=batch_context,
-                default_type=kind,
-                event_map=config.event_map,
-                location=f"http:{request.url.path}@{received_at.isoformat()}",
+            # Mapping and validation (CPU, DuckDB) run in a worker thread; the hand-over runs
+            # on the event loop, so on_batch never sees two requests at once.
+            prepared = await run_in_threadpool(
+                functools.partial(
+                    prepare_messages,
+                    messages,
+                    settings=settings,
+                    source=source,
+                    received_at=received_at,
+                    batch_sent_at=batch_sent_at,
+                    batch_context=batch_context,
+                    default_type=kind,
+                    event_map=config.event_map,
+                    location=f"http:{request.url.path}@{received_at.isoformat()}",
+                )
             )
+            deliver(prepared, sink(), traits_writer)
+            result = prepared.counts()
         except _Reject as rej:
             return JSONResponse(
                 {"success": False, "code": rej.code, "message": rej.message},
@@ -203,21 +211,38 @@ def build_router(
     return router
 
 
-def accept_messages(
+@dataclass(frozen=True)
+class PreparedIntake:
+    """One request's messages, mapped and validated, ready to hand over."""
+
+    batch: Any  # ValidatedBatch
+    traits: TraitsUpdate | None
+    ignored: int
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "accepted": self.batch.accepted,
+            "quarantined": self.batch.quarantined,
+            "filtered": self.batch.filtered,
+            "duplicates": self.batch.duplicates,
+            "traits": 0 if self.traits is None else len(self.traits),
+            "ignored": self.ignored,
+        }
+
+
+def prepare_messages(
     messages: list[Any],
     *,
     settings: Settings,
     source: str,
     received_at: Any,
-    on_batch: OnBatch,
     location: str,
-    on_traits: OnBatch | None = None,
     batch_sent_at: Any = None,
     batch_context: dict[str, Any] | None = None,
     default_type: str | None = None,
     event_map: dict[str, str] | None = None,
-) -> dict[str, int]:
-    """Map, validate and durably hand over Segment messages; returns the counts."""
+) -> PreparedIntake:
+    """Map and validate Segment messages (pure: no I/O, safe in a worker thread)."""
     from featurerec.events.validate import QuarantineRecord, normalize_records, quarantine_table
 
     mapped = map_messages(
@@ -235,8 +260,6 @@ def accept_messages(
     )
     if mapped.quarantined:
         extra = quarantine_table([QuarantineRecord(**q.__dict__) for q in mapped.quarantined])
-        import pyarrow as pa
-
         batch = type(batch)(
             events=batch.events,
             quarantine=pa.concat_tables([extra, batch.quarantine]),
@@ -246,19 +269,29 @@ def accept_messages(
             duplicates=batch.duplicates,
             origin=location,
         )
-    traits: TraitsUpdate | None = mapped.traits_update(source)
-    if batch.received:
-        on_batch(batch)
-    if traits is not None:
-        (on_traits or on_batch)(traits)
-    return {
-        "accepted": batch.accepted,
-        "quarantined": batch.quarantined,
-        "filtered": batch.filtered,
-        "duplicates": batch.duplicates,
-        "traits": 0 if traits is None else len(traits),
-        "ignored": mapped.ignored,
-    }
+    return PreparedIntake(batch, mapped.traits_update(source), mapped.ignored)
+
+
+def deliver(prepared: PreparedIntake, on_batch: OnBatch, on_traits: OnBatch | None = None) -> None:
+    """Hand a prepared request over; returns once ``on_batch`` / ``on_traits`` returned
+    (durable)."""
+    if prepared.batch.received:
+        on_batch(prepared.batch)
+    if prepared.traits is not None:
+        (on_traits or on_batch)(prepared.traits)
+
+
+def accept_messages(
+    messages: list[Any],
+    *,
+    on_batch: OnBatch,
+    on_traits: OnBatch | None = None,
+    **kwargs: Any,
+) -> dict[str, int]:
+    """Map, validate and durably hand over Segment messages; returns the counts."""
+    prepared = prepare_messages(messages, **kwargs)
+    deliver(prepared, on_batch, on_traits)
+    return prepared.counts()
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
