@@ -250,3 +250,13 @@ def test_table_mapping_to_missing_column_is_an_error():
     t = pa.table({"event_id": ["a"]})
     with pytest.raises(DataError, match=r"mapped column\(s\) not found: user_id \(column 'uid'\)"):
         normalize_table(t, settings=Settings(), source="x", mapping={"user_id": "uid"})
+
+
+def test_filter_applies_before_checks_but_not_to_unreadable_types():
+    """Noise is dropped like a source-side filter would: a broken heartbeat is 'filtered'; a
+    record whose event_type cannot be read is quarantined."""
+    batch = norm(
+        [ev(1, event_type="heartbeat", timestamp="bad"), ev(2, event_type={"x": 1}), ev(3)]
+    )
+    assert (batch.accepted, batch.filtered, batch.quarantined) == (1, 1, 1)
+    assert "event_type: expected a string" in batch.quarantine.column("reason")[0].as_py()
