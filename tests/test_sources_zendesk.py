@@ -258,3 +258,34 @@ def test_options_errors() -> None:
     src = SourceConfig(kind="zendesk", options={"subdomain": "x", "user_id_from": "email"})
     with pytest.raises(DataError, match="unknown id source 'email'"):
         ZendeskOptions.from_source("zd", src)
+
+
+def test_scheduler_runs_zendesk_from_config(tmp_path: Path, fake: tuple[str, FakeZendesk]) -> None:
+    from featurerec.events.sources.common import SourceState
+    from featurerec.events.sources.scheduler import Scheduler
+
+    url, api = fake
+    api.add(1, "2026-02-01T10:00:00Z", tags=["gantt"])
+    settings = Settings.model_validate(
+        {
+            "data_dir": str(tmp_path / "data"),
+            "sources": {
+                "support": {
+                    "kind": "zendesk",
+                    "options": {
+                        "base_url": url,
+                        "email": "ops@cloudflow.test",
+                        "api_token": "tok",
+                        "features": FEATURES,
+                    },
+                }
+            },
+        }
+    )
+    with DuckDBEngine(settings.warehouse_path) as db:
+        out = Scheduler(settings).run_once(Ingestor(db, settings), db)
+        assert out[0].ok and out[0].summary["upserts"] == 1
+        assert db.query_rows("SELECT feature FROM support_tickets") == [{"feature": "gantt_charts"}]
+    state = SourceState.load(settings, "support", "zendesk")
+    assert state.position["after_cursor"] and state.counts["upserts"] == 1
+    assert state.last_success is not None
