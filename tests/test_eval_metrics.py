@@ -18,7 +18,7 @@ from featurerec.evaluation.metrics import (
     precision_at_k,
     recall_at_k,
 )
-from featurerec.evaluation.offline import add_gap_closed
+from featurerec.evaluation.offline import add_gap_closed, paired_bootstrap
 
 REC = np.array(
     [
@@ -87,3 +87,21 @@ def test_gap_closed() -> None:
     }
     add_gap_closed(rows)
     assert math.isnan(rows["oracle"]["gap_closed[ndcg@5]"])
+
+
+def test_paired_bootstrap_interval() -> None:
+    targets = np.zeros((200, 4), dtype=bool)
+    targets[:, 0] = True
+    good = np.tile([0, 1, 2, 3], (200, 1))
+    bad = np.tile([1, 2, 3, 0], (200, 1))
+    d = paired_bootstrap(good, bad, targets, n_boot=200)
+    mean, lo, hi = d["hit_rate@3"]
+    assert mean == pytest.approx(1.0) and lo == pytest.approx(1.0)
+    same = paired_bootstrap(good, good, targets, n_boot=200)
+    assert same["ndcg@5"] == [0.0, 0.0, 0.0]
+    # half the users better, half worse: the interval straddles 0
+    mixed = np.where(np.arange(200)[:, None] % 2 == 0, good, bad)
+    m, lo, hi = paired_bootstrap(mixed, np.tile([0, 3, 1, 2], (200, 1)), targets, n_boot=500)[
+        "ndcg@5"
+    ]
+    assert lo < m < hi

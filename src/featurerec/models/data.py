@@ -70,7 +70,9 @@ def load_training_data(
         )
     inter = engine.query_arrow(
         f"SELECT user_id, feature, interaction_strength, first_used FROM {INTERACTIONS} "
-        "WHERE feature IS NOT NULL AND user_id IS NOT NULL"
+        "WHERE feature IS NOT NULL AND user_id IS NOT NULL "
+        # a stable row order makes the user order, and so every seeded fit, reproducible
+        "ORDER BY user_id, feature"
     )
     if inter.num_rows == 0:
         raise DataError(f"{INTERACTIONS} is empty: no feature_used events in the window")
