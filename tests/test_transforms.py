@@ -341,12 +341,27 @@ def test_jaccard_top_k_matches_brute_force(budget):
     assert len(got) > 100
 
 
+@pytest.mark.parametrize(("n", "f", "density", "k"), [(200, 5, 0.6, 4), (150, 30, 0.15, 50)])
+def test_jaccard_top_k_with_duplicate_sets_and_ties(n, f, density, k):
+    # few features -> many users with identical sets and many ties (broken by index)
+    rng = np.random.default_rng(11)
+    X = (rng.random((n, f)) < density).astype(np.int32)
+    u, v, s, j, r = jaccard_top_k(sp.csr_matrix(X), min_shared=3, k=k, block_budget=50)
+    got = {
+        (int(a), int(b), int(c), round(float(d), 9), int(e))
+        for a, b, c, d, e in zip(u, v, s, j, r, strict=True)
+    }
+    assert got == _brute_jaccard(X.astype(bool), 3, k)
+    assert list(u) == sorted(u)
+
+
 def test_user_neighbors_hand_built(db):
     db.execute(
         "CREATE TABLE ml.user_feature_interactions (user_id VARCHAR, feature VARCHAR,"
         " interaction_strength DOUBLE)"
     )
     rows = [
+        *[("e", f, 0.2) for f in ("f2", "f3", "f4")],
         *[("a", f, 0.5) for f in ("f1", "f2", "f3", "f4")],
         ("a", "f5", 0.1),
         *[("b", f, 0.5) for f in ("f1", "f2", "f3")],
@@ -354,7 +369,6 @@ def test_user_neighbors_hand_built(db):
         ("d", "f1", 0.9),
         ("d", "f2", 0.9),
         ("d", "f3", 0.19),
-        *[("e", f, 0.2) for f in ("f2", "f3", "f4")],
     ]
     for user, feat, strength in rows:
         db.execute(

@@ -266,6 +266,19 @@ class Neighbors:
         return int(self.user.shape[0])
 
 
+def _bitsets(X: sp.csr_matrix) -> np.ndarray:
+    """Each row's column set as a bitset (n x ceil(F/64) uint64), for exact overlap counts."""
+    n, n_feat = X.shape
+    words = max(1, (n_feat + 63) // 64)
+    bits = np.zeros((n, words), dtype=np.uint64)
+    rows = np.repeat(np.arange(n), np.diff(X.indptr))
+    cols = X.indices.astype(np.int64)
+    np.bitwise_or.at(
+        bits, (rows, cols // 64), np.left_shift(np.uint64(1), (cols % 64).astype(np.uint64))
+    )
+    return bits
+
+
 def jaccard_top_k(
     features: sp.csr_matrix,
     *,
@@ -274,71 +287,138 @@ def jaccard_top_k(
     block_budget: int = 4_000_000,
     progress: ProgressFn = _no_progress,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Top-``k`` Jaccard neighbours of every row of a binary users x features matrix.
+    """Top-``k`` Jaccard neighbours of every row of a binary users x features matrix, exactly.
 
-    Works one block of rows at a time: ``block @ X.T`` (sparse) gives the shared-feature counts
-    of that block against every user, pairs with fewer than ``min_shared`` are dropped, and
-    each row keeps its ``k`` best (ties: lower neighbour index first). Blocks are sized so the
-    product holds at most about ``block_budget`` non-zeros, so memory stays bounded whatever
-    the number of users; all pairs never exist at once.
+    Only pairs sharing at least ``min_shared`` features count; ties in similarity go to the
+    lower row index. All user pairs are never materialised:
 
-    Returns ``(user, neighbor, shared, jaccard, rank)`` arrays in row order.
+    1. Users with identical feature sets are one *pattern* (with few features, e.g. 10, there
+       are at most a few hundred patterns however many users there are).
+    2. Candidate pattern pairs come from *prefix filtering* (Chaudhuri et al., 2006): with
+       features ordered rarest first, two sets sharing >= o features share a feature among
+       the first ``|set| - o + 1`` of each. Popular features mostly fall outside the prefixes,
+       so the sparse product ``prefix @ prefix.T`` (computed one block of patterns at a time,
+       at most about ``block_budget`` non-zeros each) is small.
+    3. Exact overlaps of the candidates come from bitset popcounts; each pattern keeps the best
+       candidates until they hold ``k`` users (plus ties), which are then expanded to users.
+
+    Returns ``(user, neighbor, shared, jaccard, rank)`` arrays sorted by user then rank.
     """
     X = sp.csr_matrix(features, dtype=np.int32)
-    X.data[:] = 1
     X.sum_duplicates()
     X.data[:] = 1
-    deg = np.asarray(X.sum(axis=1)).ravel().astype(np.int64)
-    # Only users with at least min_shared strong features can share that many with anyone.
-    eligible = np.flatnonzero(deg >= min_shared)
+    X.eliminate_zeros()
+    deg = np.diff(X.indptr).astype(np.int64)
     empty = np.zeros(0, dtype=np.int64)
-    if eligible.size < 2:
-        return empty, empty, empty.astype(np.int32), empty.astype(np.float64), empty
-    Xe = X[eligible]
-    deg_e = deg[eligible]
-    XT = Xe.T.tocsr()
-    feat_pop = np.asarray(Xe.sum(axis=0)).ravel().astype(np.int64)
-    # Upper bound on the non-zeros each row contributes to its block's product.
-    row_cost = np.asarray(Xe @ feat_pop).ravel()
+    nothing = (empty, empty, empty.astype(np.int32), empty.astype(np.float64), empty)
+    # only users with >= min_shared features can share that many with anyone
+    elig = np.flatnonzero(deg >= min_shared)
+    if elig.size < 2:
+        return nothing
+    Xe = X[elig]
+    bits_e = _bitsets(Xe)
+    patterns, first, inverse, counts = np.unique(
+        bits_e, axis=0, return_index=True, return_inverse=True, return_counts=True
+    )
+    inverse = inverse.ravel()
+    n_pat = patterns.shape[0]
+    pdeg = deg[elig][first]
+    Xp = Xe[first]
+    # rarest feature first (by how many eligible users have it)
+    freq = np.bincount(Xe.indices, minlength=X.shape[1])
+    rank = np.empty(X.shape[1], dtype=np.int64)
+    rank[np.argsort(freq, kind="stable")] = np.arange(X.shape[1])
+    Xr = sp.csr_matrix((Xp.data, rank[Xp.indices], Xp.indptr), shape=Xp.shape)
+    Xr.sort_indices()
+    pos = np.arange(Xr.nnz) - np.repeat(Xr.indptr[:-1], np.diff(Xr.indptr))
+    keep = pos < np.repeat(pdeg - min_shared + 1, np.diff(Xr.indptr))
+    prow = np.repeat(np.arange(n_pat), np.diff(Xr.indptr))[keep]
+    prefix = sp.csr_matrix(
+        (np.ones(int(keep.sum()), dtype=np.int32), (prow, Xr.indices[keep])), shape=Xr.shape
+    )
+    prefix_t = prefix.T.tocsr()
+    row_cost = np.asarray(prefix @ np.diff(prefix_t.indptr)).ravel()
     cum = np.cumsum(row_cost)
     bounds = [0]
-    while bounds[-1] < cum.size:
+    while bounds[-1] < n_pat:
         start = bounds[-1]
         base = cum[start - 1] if start else 0
         end = int(np.searchsorted(cum, base + block_budget, side="right"))
         bounds.append(max(end, start + 1))
-    out_u, out_v, out_s, out_j, out_r = [], [], [], [], []
     n_blocks = len(bounds) - 1
+    kept_r, kept_c, kept_s, kept_j = [], [], [], []
     for b in range(n_blocks):
         lo, hi = bounds[b], bounds[b + 1]
-        prod = (Xe[lo:hi] @ XT).tocoo()
-        r = prod.row.astype(np.int64) + lo
-        c = prod.col.astype(np.int64)
-        s = prod.data
-        keep = (s >= min_shared) & (r != c)
-        r, c, s = r[keep], c[keep], s[keep]
-        jac = s / (deg_e[r] + deg_e[c] - s)
-        order = np.lexsort((c, -jac, r))
-        r, c, s, jac = r[order], c[order], s[order], jac[order]
+        cand = (prefix[lo:hi] @ prefix_t).tocoo()
+        r = cand.row.astype(np.int32) + np.int32(lo)
+        c = cand.col.astype(np.int32)
+        del cand
+        shared = np.bitwise_count(patterns[r, 0] & patterns[c, 0]).astype(np.int32)
+        for w in range(1, patterns.shape[1]):
+            shared += np.bitwise_count(patterns[r, w] & patterns[c, w])
+        ok = shared >= min_shared
+        r, c, shared = r[ok], c[ok], shared[ok]
+        jac = shared / (pdeg[r] + pdeg[c] - shared)
+        # by pattern, then similarity descending (ties are all kept below, order is free)
+        order = np.argsort(r * 4.0 - jac)
+        r, c, shared, jac = r[order], c[order], shared[order], jac[order]
         if r.size:
+            # keep candidates until they hold k other users, plus ties with the last one
+            eff = counts[c] - (c == r)
+            csum = np.cumsum(eff)
             starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
-            counts = np.diff(np.r_[starts, r.size])
-            rank = np.arange(r.size) - np.repeat(starts, counts) + 1
-            top = rank <= k
-            out_u.append(eligible[r[top]])
-            out_v.append(eligible[c[top]])
-            out_s.append(s[top].astype(np.int32))
-            out_j.append(jac[top])
-            out_r.append(rank[top])
+            before = (
+                csum - eff - np.repeat(csum[starts] - eff[starts], np.diff(np.r_[starts, r.size]))
+            )
+            need = before < k
+            cut = np.full(n_pat, np.inf)
+            np.minimum.at(cut, r[need], jac[need])
+            sel = need | (jac >= cut[r])
+            kept_r.append(r[sel])
+            kept_c.append(c[sel])
+            kept_s.append(shared[sel])
+            kept_j.append(jac[sel])
         progress(b + 1, n_blocks, f"jaccard block {b + 1}/{n_blocks}")
-    if not out_u:
-        return empty, empty, empty.astype(np.int32), empty.astype(np.float64), empty
+    if not kept_r:
+        return nothing
+    er, ec = np.concatenate(kept_r), np.concatenate(kept_c)
+    es, ej = np.concatenate(kept_s), np.concatenate(kept_j)
+    # members of each pattern, lowest user index first; only the first k + 2 can matter
+    members = np.argsort(inverse, kind="stable")
+    mstart = np.r_[0, np.cumsum(counts)[:-1]]
+    take = np.minimum(counts[ec], k + 2)
+    rep = np.repeat(np.arange(er.size), take)
+    offs = np.arange(rep.size) - np.repeat(np.r_[0, np.cumsum(take)[:-1]], take)
+    lp, lj, ls = er[rep], ej[rep], es[rep]
+    lu = members[mstart[ec[rep]] + offs]
+    order = np.lexsort((lu, -lj, lp))
+    lp, lj, ls, lu = lp[order], lj[order], ls[order], lu[order]
+    pstart = np.flatnonzero(np.r_[True, lp[1:] != lp[:-1]])
+    prank = np.arange(lp.size) - np.repeat(pstart, np.diff(np.r_[pstart, lp.size]))
+    top = prank < k + 1
+    lp, lj, ls, lu = lp[top], lj[top], ls[top], lu[top]
+    # each user gets its pattern's list without itself, first k
+    lstart = np.searchsorted(lp, np.arange(n_pat))
+    llen = np.searchsorted(lp, np.arange(n_pat), side="right") - lstart
+    users = np.arange(elig.size)
+    n_list = llen[inverse]
+    urep = np.repeat(users, n_list)
+    uoff = np.arange(urep.size) - np.repeat(np.r_[0, np.cumsum(n_list)[:-1]], n_list)
+    li = lstart[inverse[urep]] + uoff
+    nb = lu[li]
+    mask = nb != urep
+    urep, li, nb = urep[mask], li[mask], nb[mask]
+    if urep.size == 0:
+        return nothing
+    ustart = np.flatnonzero(np.r_[True, urep[1:] != urep[:-1]])
+    urank = np.arange(urep.size) - np.repeat(ustart, np.diff(np.r_[ustart, urep.size])) + 1
+    fin = urank <= k
     return (
-        np.concatenate(out_u),
-        np.concatenate(out_v),
-        np.concatenate(out_s),
-        np.concatenate(out_j),
-        np.concatenate(out_r),
+        elig[urep[fin]],
+        elig[nb[fin]],
+        ls[li[fin]].astype(np.int32),
+        lj[li[fin]],
+        urank[fin],
     )
 
 
@@ -365,8 +445,13 @@ def compute_user_neighbors(
     if strong.num_rows:
         user_codes = pc.dictionary_encode(strong["user_id"]).combine_chunks()
         feat_codes = pc.dictionary_encode(strong["feature"]).combine_chunks()
-        users = user_codes.dictionary.to_pylist()
-        rows = user_codes.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        # index users in name order, so similarity ties go to the lower user_id
+        names_unsorted = np.asarray(user_codes.dictionary.to_pylist(), dtype=object)
+        by_name = np.argsort(names_unsorted, kind="stable")
+        position = np.empty(by_name.size, dtype=np.int64)
+        position[by_name] = np.arange(by_name.size)
+        users = names_unsorted[by_name].tolist()
+        rows = position[user_codes.indices.to_numpy(zero_copy_only=False).astype(np.int64)]
         cols = feat_codes.indices.to_numpy(zero_copy_only=False).astype(np.int64)
         X = sp.csr_matrix(
             (np.ones(rows.size, dtype=np.int32), (rows, cols)),
