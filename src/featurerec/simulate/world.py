@@ -592,11 +592,27 @@ def _append_ndjson(table: pa.Table, path: Path) -> None:
                 'timestamp': strftime(timestamp, '%Y-%m-%dT%H:%M:%S.%fZ')
             }})::VARCHAR AS line FROM t"""
     )
-    lines = rel.to_arrow_table()
+    lines = rel.to_arrow_table().column("line").combine_chunks()
     con.close()
-    text = "\n".join(lines.column("line").to_pylist())
-    with open(path, "a", encoding="utf-8") as dst:
-        dst.write(text + "\n" if text else "")
+    with open(path, "ab") as dst:
+        dst.write(_join_lines(lines))
+
+
+def _join_lines(lines: pa.Array) -> bytes:
+    """Arrow strings -> one ``\\n``-terminated byte block, without Python strings."""
+    n = len(lines)
+    if n == 0:
+        return b""
+    offs = np.frombuffer(lines.buffers()[1], dtype=np.int32, count=n + 1, offset=lines.offset * 4)
+    data = np.frombuffer(lines.buffers()[2], dtype=np.uint8)[offs[0] : offs[-1]]
+    rel = offs - offs[0]
+    out = np.empty(len(data) + n, dtype=np.uint8)
+    newline_at = rel[1:] + np.arange(n)
+    keep = np.ones(len(out), dtype=bool)
+    keep[newline_at] = False
+    out[keep] = data
+    out[newline_at] = ord("\n")
+    return out.tobytes()
 
 
 def generate_world(config: WorldConfig) -> World:
