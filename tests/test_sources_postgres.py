@@ -372,3 +372,45 @@ def test_cli_sync_once_runs_cdc_from_config(tmp_path: Path, product_db: str) -> 
     assert (
         row["position"]["lsn"] and row["counts"]["upserts"] == 6 and row["counts"]["deletes"] == 1
     )
+
+
+def test_unchanged_toast_values_are_kept(
+    settings: Settings, product_db: str, warehouse: DuckDBEngine
+) -> None:
+    """An update that leaves a large (TOASTed) value alone does not send it; the value kept in
+    the warehouse (a column, or a key of the traits JSON) must survive."""
+    big = "".join(f"{i:x}" for i in range(4000))  # ~14 KB, stored out of line
+    _exec(
+        product_db,
+        "ALTER TABLE users ALTER COLUMN role SET STORAGE EXTERNAL",
+        "ALTER TABLE users ADD COLUMN bio text",
+        "ALTER TABLE users ALTER COLUMN bio SET STORAGE EXTERNAL",
+        f"UPDATE users SET bio = '{big}', role = 'r{big}' WHERE user_id = 'u1'",
+    )
+    cdc = _cdc(settings, product_db, warehouse)
+    cdc.sync_once()
+    _exec(product_db, "UPDATE users SET signup_cohort = '2026-Q2' WHERE user_id = 'u1'")
+    # two updates of the same row in one batch, the second also leaving the big values alone
+    _exec(product_db, "UPDATE users SET team_size = 99 WHERE user_id = 'u1'")
+    import featurerec.events.sources.postgres_cdc as mod
+    from featurerec.events.sources.pgoutput import UNCHANGED, Update
+
+    seen: list[int] = []
+    real = mod.decode_message
+
+    def spy(data: Any) -> Any:
+        msg = real(data)
+        if isinstance(msg, Update):
+            seen.append(sum(v is UNCHANGED for v in msg.new))
+        return msg
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mod, "decode_message", spy)
+        report = cdc.sync_once()
+    assert seen == [2, 2]  # role and bio were not sent: the path under test ran
+    assert report.transactions == 2
+    row = warehouse.query_rows("SELECT * FROM users WHERE user_id = 'u1'")[0]
+    assert row["signup_cohort"] == "2026-Q2"
+    assert row["role"] == f"r{big}"  # unchanged TOAST column, filled from the warehouse
+    traits = orjson.loads(row["traits"])
+    assert traits["bio"] == big and traits["team_size"] == 99  # traits merged by key

@@ -50,6 +50,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import psycopg
 import pyarrow as pa
 from psycopg import sql
@@ -394,7 +395,11 @@ class PostgresCDC:
                 if old_key != key:
                     net.put(old_key, None)
             if unchanged:
-                row["__unchanged__"] = {conv.mapping.columns.get(c, c) for c in unchanged}
+                schema_names = set(warehouse_schema(conv.mapping.target).names)
+                targets = {conv.mapping.columns.get(c, c) for c in unchanged}
+                # an unchanged column that lives in the traits JSON: merge traits by key
+                marked = {t if t in schema_names else "traits" for t in targets}
+                row["__unchanged__"] = marked & schema_names
                 prev = net.rows.get(key)
                 if prev is not None:
                     row = _fill_unchanged(row, prev)
@@ -463,10 +468,24 @@ def _fill_unchanged(row: dict[str, Any], prev: dict[str, Any]) -> dict[str, Any]
     out = {k: v for k, v in row.items() if k != "__unchanged__"}
     still = missing & set(prev.get("__unchanged__", ()))
     for col in missing - still:
-        out[col] = prev.get(col)
+        if col == "traits" and out.get("traits") is not None:
+            merged = {**_json_obj(prev.get("traits")), **_json_obj(out["traits"])}
+            out["traits"] = orjson.dumps(merged).decode()
+        else:
+            out[col] = prev.get(col)
     if still:
         out["__unchanged__"] = still
     return out
+
+
+def _json_obj(text: Any) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def table_arrow(table: str, rows: list[dict[str, Any]]) -> pa.Table:
