@@ -59,7 +59,9 @@ def time_split(
 
     if holdout_days <= 0:
         raise DataError(f"holdout_days must be > 0 (got {holdout_days})")
-    mem = DuckDBEngine(":memory:")
+    # one thread: parallel float sums (recency scores) would make the features, and so
+    # every seeded model, differ in the last bits from run to run
+    mem = DuckDBEngine(":memory:", threads=1)
     try:
         if engine is None:
             path = Path(settings.warehouse_path)
