@@ -596,3 +596,26 @@ def test_sql_stages_never_overlap(env, fakes):
     sql = [s for s in record.stages.values() if s.type in ("sql_transform", "data_quality")]
     spans = sorted((s.started_at, s.finished_at) for s in sql)
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
+
+
+def test_own_sql_next_to_the_spec_and_resume(env, fakes, tmp_path):
+    settings, db, reg, hist, _ = env
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs" / "my_counts.sql").write_text(
+        "SELECT feature, COUNT(*) AS n FROM ml.user_feature_interactions"
+        " WHERE last_used <= $as_of GROUP BY feature"
+    )
+    raw = spec_dict()
+    raw["pipeline"]["stages"].insert(
+        1,
+        {"name": "my_counts", "type": "sql_transform", "depends_on": ["build_interaction_matrix"],
+         "query_ref": "my_counts.sql", "output_table": "ml.my_counts"},
+    )  # fmt: skip
+    path = tmp_path / "specs" / "p.json"
+    path.write_text(json.dumps(raw))
+    fakes.fail_times["fake_eval"] = 1
+    first = PipelineRunner(load_spec(path), settings, db, reg, hist).run()
+    assert first.stages["my_counts"].rows == len(FEATURES)
+    assert first.stages["evaluate_and_promote"].status == "failed"
+    resumed = PipelineRunner(load_spec(path), settings, db, reg, hist).resume(first.run_id)
+    assert resumed.status == "passed"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -124,7 +125,8 @@ def _placeholder_spec(history: Any, run_id: str | None) -> Any:
     from featurerec.pipeline.spec import parse_spec
 
     record = history.load(run_id or "latest")
-    return parse_spec(record.spec, source=f"run {record.run_id}")
+    spec_dir = Path(record.spec_dir) if record.spec_dir else None
+    return parse_spec(record.spec, spec_dir=spec_dir, source=f"run {record.run_id}")
 
 
 def _print_run(record: Any, as_json: bool) -> None:

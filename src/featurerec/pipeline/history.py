@@ -84,6 +84,8 @@ class RunRecord(BaseModel):
     pipeline: str
     spec: dict[str, Any]
     spec_source: str = ""
+    #: Folder of the spec file (query_ref files next to it are found again on resume).
+    spec_dir: str | None = None
     as_of: datetime
     status: RunStatus = "running"
     started_at: datetime

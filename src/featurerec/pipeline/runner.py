@@ -206,6 +206,7 @@ class PipelineRunner:
             pipeline=self.spec.name,
             spec=self.spec.to_json_dict(),
             spec_source=self.spec_source,
+            spec_dir=str(self.spec.spec_dir) if self.spec.spec_dir else None,
             as_of=t,
             started_at=now,
             scheduled_for=scheduled_for,
@@ -222,7 +223,11 @@ class PipelineRunner:
         record = self.history.load(run_id)
         if record.status == "passed":
             raise SpecError(f"run {record.run_id} passed: nothing to resume")
-        self.spec = parse_spec(record.spec, source=f"run {record.run_id}")
+        self.spec = parse_spec(
+            record.spec,
+            spec_dir=Path(record.spec_dir) if record.spec_dir else None,
+            source=f"run {record.run_id}",
+        )
         for st in record.stages.values():
             if st.status != "passed":
                 record.stages[st.name] = StageRecord(name=st.name, type=st.type)
