@@ -158,3 +158,22 @@ def test_snapshot_round_trip(fixture, tmp_path: Path) -> None:
     (tmp_path / "s" / "users.npz").write_bytes(b"garbage")
     with pytest.raises(Exception, match="missing or corrupt"):
         OnlineSnapshot.load(tmp_path / "s")
+
+
+def test_group_commit_writes_every_line_once_with_fewer_syncs(tmp_path: Path) -> None:
+    import asyncio
+
+    from featurerec.serving.reclog import DurableLog
+
+    log = DurableLog(tmp_path, RECLOG_PREFIX, fsync=True)
+
+    async def main() -> None:
+        await asyncio.gather(
+            *(log.append_async([{"recommendation_id": f"r{i}", "n": i}]) for i in range(500))
+        )
+
+    asyncio.run(main())
+    log.close()
+    ids = [r["recommendation_id"] for r in iter_records(tmp_path, RECLOG_PREFIX)]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(500))
+    assert log.records_written == 500 and log.commits < 500

@@ -30,6 +30,8 @@ import orjson
 import pyarrow as pa
 
 RECLOG_PREFIX = "reclog"
+#: Syncs that may run at once (each covers every line written before it started).
+_MAX_INFLIGHT_SYNCS = 2
 FEEDBACK_PREFIX = "feedback"
 
 #: Columns of ml.recommendation_log, in order (warehouse/schema.py).
@@ -62,11 +64,11 @@ FEEDBACK_COLUMNS: dict[str, pa.DataType] = {
 class DurableLog:
     """Append-only JSONL segments with group commit (one fsync per group of requests).
 
-    ``append_async`` (the server) queues the lines of a request; one writer task writes and
-    ``fsync``-s everything queued on a dedicated thread (the event loop keeps serving while
-    the disk syncs) and releases those requests when the sync returns; what queued up
-    meanwhile goes in the next sync. So a slow disk costs each request about one or two
-    fsyncs of latency, never one fsync per other request ahead of it. ``append`` (CLI, tests) writes and
+    ``append_async`` (the server) queues the lines of a request; a sync thread writes and
+    ``fsync``-s everything queued (the event loop keeps serving while the disk syncs) and
+    releases those requests when the sync returns. Up to two syncs run at once; what queues
+    up while both run goes into the next one. So a slow disk costs a request about one
+    fsync of latency, never one fsync per request ahead of it. ``append`` (CLI, tests) writes and
     syncs at once. ``fsync=False`` is for tests that do not care about power loss.
     """
 
@@ -92,9 +94,10 @@ class DurableLog:
         self.commits = 0
         self._closed = False
         self._pending: list[tuple[bytes, int, asyncio.Future[None]]] = []
-        self._flushing = False
-        self._flusher: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"{prefix}-fsync")
+        self._inflight = 0
+        self._executor = ThreadPoolExecutor(
+            _MAX_INFLIGHT_SYNCS, thread_name_prefix=f"{prefix}-fsync"
+        )
 
     @staticmethod
     def encode(records: list[dict[str, Any]]) -> bytes:
@@ -114,30 +117,35 @@ class DurableLog:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         self._pending.append((self.encode(records), len(records), fut))
-        if not self._flushing:
-            self._flushing = True
-            self._flusher = loop.create_task(self._flush_loop())
+        if self._inflight < _MAX_INFLIGHT_SYNCS:
+            self._start_sync(loop)
         await fut
 
-    async def _flush_loop(self) -> None:
-        """While lines are queued: write + fsync them on the writer thread (the event loop
-        keeps serving meanwhile), then release their requests. Lines queued during one
-        fsync all go into the next: that is the group commit."""
-        loop = asyncio.get_running_loop()
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                data = b"".join(b[0] for b in batch)
-                err: BaseException | None = None
-                try:
-                    await loop.run_in_executor(
-                        self._executor, self._write, data, sum(b[1] for b in batch)
-                    )
-                except (OSError, RuntimeError) as exc:
-                    err = exc
-                _settle_all(batch, err)
-        finally:
-            self._flushing = False
+    def _start_sync(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand everything queued to a sync thread; when it returns, release those requests
+        and start the next sync if more queued up meanwhile (the group commit)."""
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        self._inflight += 1
+        data = b"".join(b[0] for b in batch)
+        cfut = self._executor.submit(self._write, data, sum(b[1] for b in batch))
+
+        def done(f: Any) -> None:
+            loop.call_soon_threadsafe(self._synced, loop, batch, f.exception())
+
+        cfut.add_done_callback(done)
+
+    def _synced(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[tuple[bytes, int, asyncio.Future[None]]],
+        err: BaseException | None,
+    ) -> None:
+        self._inflight -= 1
+        _settle_all(batch, err)
+        if self._pending and self._inflight < _MAX_INFLIGHT_SYNCS:
+            self._start_sync(loop)
 
     def _flush(self) -> None:
         """Write whatever is queued, synchronously (used at close)."""
@@ -182,6 +190,9 @@ class DurableLog:
         return self._fd
 
     def _write(self, data: bytes, n_records: int) -> None:
+        """Append ``data`` (under the lock, so lines never interleave), then fsync outside
+        the lock on a private descriptor, so two syncs can be in flight at once: a batch
+        that queued during one sync does not wait for it to finish before its own starts."""
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"{self.prefix} log is closed")
@@ -190,11 +201,15 @@ class DurableLog:
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
-            if self.fsync:
-                os.fsync(fd)
             self._size += len(data)
             self.records_written += n_records
             self.commits += 1
+            sync_fd = os.dup(fd) if self.fsync else -1
+        if sync_fd >= 0:
+            try:
+                os.fsync(sync_fd)  # covers this batch and everything written before it
+            finally:
+                os.close(sync_fd)
 
 
 def _settle_all(
