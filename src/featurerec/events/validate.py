@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -169,7 +169,6 @@ class ValidatedBatch:
     filtered: int = 0
     duplicates: int = 0
     origin: str | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
 
     @property
     def accepted(self) -> int:
