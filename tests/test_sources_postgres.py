@@ -171,7 +171,7 @@ def test_snapshot_then_stream_insert_update_delete(
 ) -> None:
     cdc = _cdc(settings, product_db, warehouse)
     first = cdc.sync_once()
-    assert first.snapshot
+    assert first.snapshot and first.not_published == []
     assert first.upserts == {"users": 2, "workspaces": 2, "feature_flags": 1, "ab_assignments": 1}
     users = _rows(warehouse, "SELECT * FROM users ORDER BY user_id")
     assert [u["user_id"] for u in users] == ["u1", "u2"]
@@ -414,3 +414,15 @@ def test_unchanged_toast_values_are_kept(
     assert row["role"] == f"r{big}"  # unchanged TOAST column, filled from the warehouse
     traits = orjson.loads(row["traits"])
     assert traits["bio"] == big and traits["team_size"] == 99  # traits merged by key
+
+
+def test_existing_publication_missing_tables_is_reported(
+    settings: Settings, product_db: str, warehouse: DuckDBEngine
+) -> None:
+    _exec(product_db, "CREATE PUBLICATION only_users FOR TABLE users")
+    report = _cdc(settings, product_db, warehouse, publication="only_users").sync_once()
+    assert report.not_published == [
+        "public.workspaces",
+        "public.feature_flags",
+        "public.ab_assignments",
+    ]

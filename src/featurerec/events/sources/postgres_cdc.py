@@ -38,6 +38,9 @@ the slot advance). Within a batch, changes collapse to the final state per key (
 wins, deletes included) before they are applied, so applying a batch is idempotent too: a crash
 between the warehouse commit and the state write re-applies identical values, changing nothing.
 
+A publication that exists already is used as it is; mapped tables it lacks are listed in the
+report's ``not_published`` (their changes cannot arrive until a DBA adds them).
+
 If the slot disappears (dropped by a DBA) while the state still has an LSN, changes may have
 been lost: the source re-snapshots and says so in the report. Rows deleted in PostgreSQL while
 no slot existed stay in the warehouse (a re-snapshot only upserts).
@@ -108,6 +111,8 @@ class CDCReport:
     quarantined: int = 0
     lsn: str | None = None
     lag_bytes: int | None = None
+    #: Mapped tables the publication does not include (their changes cannot arrive).
+    not_published: list[str] = field(default_factory=list)
 
     def count(self, kind: str, table: str, n: int) -> None:
         bucket = self.upserts if kind == "upserts" else self.deletes
@@ -166,6 +171,7 @@ class PostgresCDC:
         try:
             with connect(self.options.dsn, timeout=self.options.connect_timeout) as conn:
                 self._ensure_publication(conn)
+                report.not_published = self._not_published(conn)
                 slot_lsn = self._slot_position(conn)
                 stored = state.position.get("lsn")
                 if stored is None or slot_lsn is None:
@@ -213,6 +219,14 @@ class PostgresCDC:
             )
         except psycopg.errors.UndefinedTable as exc:
             raise DataError(f"{self.name}: a mapped table does not exist: {exc}") from None
+
+    def _not_published(self, conn: psycopg.Connection[Any]) -> list[str]:
+        rows = conn.execute(
+            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
+            (self.options.publication,),
+        ).fetchall()
+        published = {(r[0], r[1]) for r in rows}
+        return [f"{s}.{t}" for s, t in self.converters if (s, t) not in published]
 
     def _slot_position(self, conn: psycopg.Connection[Any]) -> int | None:
         row = conn.execute(
