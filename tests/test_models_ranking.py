@@ -308,3 +308,35 @@ def test_index_factory_and_errors(tmp_path: Path) -> None:
     (tmp_path / "h" / "index.faiss").write_bytes(b"garbage")
     with pytest.raises(ModelError, match="index artifact corrupt"):
         load_index(tmp_path / "h")
+
+
+def test_single_feature_catalog_and_unknown_users() -> None:
+    import scipy.sparse as sp
+
+    m = sp.csr_matrix(np.array([[0.5], [0.2], [0.0]], np.float32))
+    m.eliminate_zeros()
+    d = TrainingData(["a", "b", "c"], ["only"], m, {"a": UserContext(role="x")}, {}, {}, {"a": 10})
+    b, _ = train_bundle(d, TrainConfig(als_grid=(ALSParams(4, 0.1, 3, 10.0),)))
+    users = [UserState("never-seen"), UserState("a", interactions={"only": 0.5})]
+    for name in b.available():
+        r = b.strategy(name).recommend(users, k=3)
+        assert r.ids.tolist() == [[0, -1, -1], [-1, -1, -1]], name
+
+
+def test_blend_weight_needs_a_real_gain(bundle: ModelBundle, data: TrainingData) -> None:
+    from featurerec.models import fit
+
+    users = data.user_states(data.users[:60])
+    excl = np.zeros((60, bundle.n_items), bool)
+    targets = np.zeros((60, bundle.n_items), bool)
+    targets[:, 0] = True
+    saved = bundle.config
+    try:
+        # grid values that all rank the same way: the default (first) wins
+        w, table = fit._pick_weight(
+            bundle, "transition_weight", "sequence_aware", (0.0, 0.0), users, excl, targets
+        )
+        assert w == 0.0 and len(table) == 2
+        assert bundle.config.transition_weight == 0.0
+    finally:
+        bundle.config = saved

@@ -15,7 +15,8 @@ name                  candidates (stage 1)                                      
                       ``cold_start_max_events`` events) get context-model
                       candidates
 ``sequence_aware``    hybrid candidates, score blended with transition            bandit
-                      probabilities from the user's recent features
+                      probabilities from the user's recent features (weight
+                      picked on validation; 0 when transitions do not help)
 ``popularity``        share of users who use the feature                          by score
 ``random``            uniform (seeded hash of user id)                            uniform
 ====================  ==========================================================  ==========
@@ -50,6 +51,14 @@ Contracts:
   ``Ranked.transition_from`` for sequence-aware reasons. Facts for reasons can also be
   read from ``bundle.context.attribute_rates`` (true adoption rates by role / team size).
 - Scoring uses only :class:`UserState` (online state): no SQL, no warehouse.
+- ``candidates`` / ``rank`` / ``components`` accept ``cache=strat.cache(users)`` so a
+  caller that calls them separately computes each model's scores once (``recommend`` does).
+
+Which blend weights, ALS setting and bandit shrinkage a bundle uses is decided by training
+on a validation window (:mod:`featurerec.models.fit`); ``describe(bundle)`` prints them.
+On a catalog of ~10 features the candidate stage keeps every eligible feature (top 20), so
+the ranker decides; the ANN index matters for large catalogs, where
+``Strategy.candidates`` retrieves ALS candidates through it before scoring.
 """
 
 from __future__ import annotations
@@ -553,4 +562,5 @@ def describe(bundle: ModelBundle) -> dict[str, Any]:
             k: {"updates": v.updates, "epsilon": v.epsilon} for k, v in bundle.bandits.items()
         },
         "config": asdict(bundle.config),
+        "arm_precision": {k: v.params.arm_precision for k, v in bundle.bandits.items()},
     }
