@@ -55,7 +55,6 @@ from typing import Any
 
 import orjson
 import psycopg
-import pyarrow as pa
 from psycopg import sql
 
 from featurerec.config import Settings, SourceConfig
@@ -500,8 +499,3 @@ def _json_obj(text: Any) -> dict[str, Any]:
     except orjson.JSONDecodeError:
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def table_arrow(table: str, rows: list[dict[str, Any]]) -> pa.Table:
-    """Rows → Arrow table with the warehouse table's schema."""
-    return pa.Table.from_pylist(rows, schema=warehouse_schema(table))

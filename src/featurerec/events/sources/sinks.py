@@ -28,13 +28,6 @@ class RowWriter(Protocol):
     def delete_rows(self, table: str, keys: pa.Table) -> Any: ...
 
 
-@runtime_checkable
-class EventWriter(Protocol):
-    """Durably accepts a validated event batch (``Landing.write`` or ``Ingestor.append``)."""
-
-    def __call__(self, batch: Any) -> Any: ...
-
-
 QUARANTINE_SCHEMA = pa.schema(
     [
         pa.field("source", pa.string()),
