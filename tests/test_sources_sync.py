@@ -205,3 +205,8 @@ def test_sync_reports_a_down_kafka_broker_for_backoff(tmp_path: Path) -> None:
         out = Scheduler(settings).run_once(Ingestor(db, settings), db, force=True)
     assert not out[0].ok and "Kafka unreachable" in (out[0].error or "")
     assert SourceState.load(settings, "events", "kafka").consecutive_failures == 1
+
+
+def test_ingest_kafka_alias_is_the_sources_command() -> None:
+    res = CliRunner().invoke(app, ["ingest", "kafka", "--help"])
+    assert res.exit_code == 0 and "--topic-pattern" in res.stdout

@@ -18,8 +18,14 @@ sources_app = typer.Typer(
 
 
 def register(app: typer.Typer, groups: Any) -> None:
-    """Add ``featurerec sources`` to the root ``app``."""
+    """Add ``featurerec sources`` to the root ``app``, and ``featurerec ingest kafka`` (the
+    issue's name for the same command) to the ``ingest`` group when it has no ``kafka``."""
     app.add_typer(sources_app, name="sources")
+    for group in app.registered_groups:
+        if group.name == "ingest" and group.typer_instance is not None:
+            names = {c.name for c in group.typer_instance.registered_commands}
+            if "kafka" not in names:
+                group.typer_instance.command("kafka", help=kafka_cmd.__doc__)(kafka_cmd)
 
 
 def _open(settings: Any) -> tuple[Any, Any]:
