@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,3 +76,38 @@ def test_last_k_split(warehouse: DuckDBEngine) -> None:
     assert not (sp.test.targets & sp.test.exclude).any()
     with pytest.raises(DataError, match="leave-last-50"):
         last_k(warehouse, SETTINGS, 50)
+
+
+def test_evaluate_cli_json(tmp_path: Path) -> None:
+    """`featurerec evaluate --json` on a warehouse file (the attach-read-only path)."""
+    from typer.testing import CliRunner
+
+    from featurerec.cli import app
+
+    toy_warehouse(n_users=90, seed=2, path=str(tmp_path / "warehouse.duckdb")).close()
+    cfg = tmp_path / "featurerec.toml"
+    cfg.write_text("[windows]\nmin_transition_count = 1\n")
+    res = CliRunner().invoke(
+        app,
+        [
+            "--config",
+            str(cfg),
+            "--data-dir",
+            str(tmp_path),
+            "evaluate",
+            "--json",
+            "--holdout-days",
+            "7",
+            "--out",
+            str(tmp_path / "eval.json"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout[res.stdout.index("{") :])
+    assert {"hybrid", "sequence_aware", "popularity", "random"} <= set(rows)
+    for row in rows.values():
+        assert {"ndcg@5", "hit_rate@3", "users", "coverage", "novelty"} <= set(row)
+    doc = json.loads((tmp_path / "eval.json").read_text())
+    assert doc["info"]["split"] == "time" and doc["rows"].keys() == rows.keys()
+    bad = CliRunner().invoke(app, ["--data-dir", str(tmp_path / "empty"), "evaluate"])
+    assert bad.exit_code != 0

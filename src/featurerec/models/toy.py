@@ -122,11 +122,13 @@ WH_ORDER = {
 WH_START = datetime(2026, 1, 1)
 
 
-def toy_warehouse(n_users: int = 120, days: int = 60, seed: int = 0) -> DuckDBEngine:
+def toy_warehouse(
+    n_users: int = 120, days: int = 60, seed: int = 0, path: str = ":memory:"
+) -> DuckDBEngine:
     """An in-memory warehouse whose users adopt features in their role's fixed order, one
     every 5-14 days, and keep using their last three in sessions (for evaluation tests)."""
     rng = np.random.default_rng(seed)
-    db = DuckDBEngine(":memory:")
+    db = DuckDBEngine(path)
     ev: dict[str, list[Any]] = {
         c: []
         for c in (
