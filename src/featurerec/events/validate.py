@@ -19,10 +19,12 @@ per-record Python), in this order, the first failing rule giving the quarantine 
 
 1. the record is a JSON object (NDJSON / raw text);
 2. required fields present: ``event_id``, ``user_id``, ``event_type``, ``timestamp``;
-3. types: ids are strings (integers are accepted and become text), ``event_type`` and the
-   text properties are strings, ``session_sequence`` a 32-bit integer,
-   ``time_on_page_seconds`` a number, ``is_first_use`` a boolean, ``properties`` and
-   ``user_traits`` objects (or JSON text of an object, the flat shape);
+3. types: ids, ``event_type`` and the text properties take any JSON scalar as text (so
+   ``"user_id": 42`` is stored as ``"42"``) but not an object or array;
+   ``session_sequence`` is a JSON integer within 32 bits, ``time_on_page_seconds`` a JSON
+   number, ``is_first_use`` ``true``/``false`` (strings such as ``"14"`` are refused);
+   ``properties`` and ``user_traits`` are objects (or JSON text of an object, the flat
+   shape);
 4. ``event_id``, ``user_id`` and ``event_type`` are not empty;
 5. ``timestamp`` is an ISO-8601 timestamp (an offset or ``Z`` is converted to UTC; without
    one it is taken as UTC), stored UTC timezone-naive;
@@ -119,14 +121,6 @@ _SQL_TYPE: dict[FieldKind, str] = {
     "number": "DOUBLE",
     "bool": "BOOLEAN",
     "timestamp": "VARCHAR",
-}
-_JSON_OK: dict[FieldKind, tuple[str, ...]] = {
-    "id": ("VARCHAR", "UBIGINT", "BIGINT"),
-    "text": ("VARCHAR",),
-    "int": ("UBIGINT", "BIGINT"),
-    "number": ("UBIGINT", "BIGINT", "DOUBLE"),
-    "bool": ("BOOLEAN",),
-    "timestamp": ("VARCHAR",),
 }
 _EXPECTED: dict[FieldKind, str] = {
     "id": "a string",
