@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +112,9 @@ def test_stages_produce_a_loadable_bundle(warehouse: DuckDBEngine, tmp_path: Pat
 
 def test_bandit_stage_learns_from_logged_feedback(warehouse: DuckDBEngine, tmp_path: Path) -> None:
     d = load_training_data(warehouse, SETTINGS)
-    t = datetime(2026, 2, 1)
+    t0 = datetime(2026, 2, 1)
     for i, u in enumerate(d.users[:40]):
+        t = t0 + timedelta(days=(i // 2) % 2)  # two days of serving = two update batches
         warehouse.execute(
             """INSERT INTO ml.recommendation_feedback
                (recommendation_id, user_id, recommended_feature, score, position, strategy,
@@ -135,7 +136,7 @@ def test_bandit_stage_learns_from_logged_feedback(warehouse: DuckDBEngine, tmp_p
         warehouse.execute("DELETE FROM ml.recommendation_feedback")
     assert res.metrics["feedback_rows"] == 40.0
     assert res.metrics["feedback_rows[hybrid]"] == 20.0
-    assert res.metrics["epsilon[hybrid]"] == pytest.approx(0.1 * 0.995)
+    assert res.metrics["epsilon[hybrid]"] == pytest.approx(0.1 * 0.995**2)
 
 
 def test_model_evaluation_stage_reports_promotion_metrics(

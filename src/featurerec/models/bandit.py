@@ -283,7 +283,8 @@ class ContextualBandit:
         self.observations += int(keep.sum())
         if decay:
             self.updates += 1
-        if len(x):
+        if len(x) >= 200 or (self.calibrator is None and len(x)):
+            # a small batch would give a poor percentile map; keep the previous one
             preds = np.einsum("nd,nd->n", self.theta[items], x)
             self.calibrator = Calibrator.fit(preds, seed=self.seed)
         return self

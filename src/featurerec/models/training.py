@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -127,17 +128,24 @@ def als_matrix_factorization(ctx: StageContext) -> StageResult:
     )
 
 
-def _feedback_rows(ctx: StageContext) -> list[dict[str, Any]]:
+#: Days after which a logged recommendation's reward is final (its window has closed).
+REWARD_WINDOW_DAYS = {"adopted_7d": 7, "clicked": 1}
+
+
+def _feedback_rows(ctx: StageContext, reward: str) -> list[dict[str, Any]]:
+    """Logged feedback whose reward window has closed by the as-of time (a recommendation
+    shown 2 days ago has adopted_7d = 0 only because it is too early to tell)."""
     if not ctx.engine.table_exists(FEEDBACK_TABLE):
         return []
+    closed = ctx.as_of - timedelta(days=REWARD_WINDOW_DAYS.get(reward, 7))
     return list(
         ctx.engine.query_rows(
             f"""SELECT user_id, recommended_feature, score, propensity, strategy, variant,
-                       clicked, adopted_7d
+                       clicked, adopted_7d, generated_at
                 FROM {FEEDBACK_TABLE}
-                WHERE generated_at <= $as_of AND recommended_feature IS NOT NULL
+                WHERE generated_at <= $closed AND recommended_feature IS NOT NULL
                 ORDER BY generated_at, recommendation_id""",
-            {"as_of": ctx.as_of},
+            {"closed": closed},
         )
     )
 
@@ -148,19 +156,27 @@ def apply_feedback(
     rows: list[dict[str, Any]],
     reward: str = "adopted_7d",
 ) -> dict[str, int]:
-    """One IPW update batch per bandit from logged feedback rows.
+    """IPW updates of the bandits from logged feedback rows: one update batch per bandit
+    and day of serving, in time order (so exploration decays by ``decay_factor`` once per
+    day of feedback, as the spec's per-batch decay intends, even though the ranker is
+    retrained from scratch every day).
 
     Rows are routed by their strategy (or experiment variant) name; rows of strategies
     without a bandit teach the hybrid bandit (the production ranker). The upstream input is
     the logged score (the candidate-stage score is not logged separately)."""
     if reward not in ("adopted_7d", "clicked"):
         raise ModelError(f"bandit reward must be adopted_7d or clicked (got {reward!r})")
-    by: dict[str, list[dict[str, Any]]] = {}
+    by: dict[tuple[str, Any], list[dict[str, Any]]] = {}
     for r in rows:
         name = r.get("strategy") or r.get("variant") or "hybrid"
-        by.setdefault(name if name in BANDIT_STRATEGIES else "hybrid", []).append(r)
-    out = {}
-    for name, batch in by.items():
+        name = name if name in BANDIT_STRATEGIES else "hybrid"
+        when = r.get("generated_at")
+        day = when.date() if isinstance(when, datetime) else None
+        by.setdefault((name, day), []).append(r)
+    out: dict[str, int] = {}
+    for (name, _day), batch in sorted(
+        by.items(), key=lambda kv: (kv[0][1] is None, str(kv[0][1]), kv[0][0])
+    ):
         bandit = bundle.bandits.get(name)
         if bandit is None or not batch:
             continue
@@ -176,7 +192,7 @@ def apply_feedback(
             [np.nan if r.get("propensity") is None else float(r["propensity"]) for r in batch]
         )
         bandit.update(states, items, upstream, rew, prop)
-        out[name] = len(batch)
+        out[name] = out.get(name, 0) + len(batch)
     return out
 
 
@@ -187,8 +203,9 @@ def contextual_bandit(ctx: StageContext) -> StageResult:
     data = _data(ctx)
     cfg = _train_config(ctx)
     bundle, report = train_bundle(data, cfg, ctx.progress)
-    rows = _feedback_rows(ctx)
-    fed = apply_feedback(bundle, data, rows, str(ctx.params.get("reward", "adopted_7d")))
+    reward = str(ctx.params.get("reward", "adopted_7d"))
+    rows = _feedback_rows(ctx, reward)
+    fed = apply_feedback(bundle, data, rows, reward)
     bundle.save_ranker(ctx.work_dir)
     eps = {f"epsilon[{k}]": b.epsilon for k, b in bundle.bandits.items()}
     return StageResult(
