@@ -290,3 +290,14 @@ def test_lines_longer_than_a_block_and_no_final_newline(tmp_path, ing, db, monke
     assert rep.accepted == 3 and rep.quarantined == 0
     note = db.query_rows("SELECT properties FROM events WHERE event_id = 'evt_1'")[0]["properties"]
     assert orjson.loads(note) == {"note": "x" * 500}
+
+
+def test_invalid_utf8_line_is_quarantined_and_the_rest_loads(tmp_path, ing, db):
+    good = [orjson.dumps(ev(i)) for i in range(3)]
+    f = tmp_path / "mixed.ndjson"
+    f.write_bytes(b"\n".join([good[0], b'{"event_id": "\xff\xfe"}', good[1], good[2]]) + b"\n")
+    rep = ing.ingest_paths([f])
+    assert (rep.accepted, rep.quarantined, rep.received) == (3, 1, 4)
+    q = db.query_rows("SELECT location, reason, raw FROM ingest_quarantine")[0]
+    assert q["location"] == f"{f}:2" and q["reason"] == "not valid UTF-8"
+    assert "\ufffd" in q["raw"]

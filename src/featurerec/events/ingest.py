@@ -43,7 +43,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -203,8 +203,8 @@ def _open_binary(path: Path) -> BinaryIO:
 
 def iter_ndjson_blocks(
     path: Path, block_bytes: int | None = None, on_progress: ProgressHook | None = None
-) -> Iterator[tuple[pa.StringArray, np.ndarray]]:
-    """Yield ``(lines, line_numbers)`` blocks of an NDJSON file, blank lines left out.
+) -> Iterator[NdjsonBlock]:
+    """Yield the :class:`NdjsonBlock` s of an NDJSON file, blank lines left out.
 
     Lines are zero-copy slices of one buffer per block (an Arrow string array built from
     the newline offsets), so splitting costs a numpy scan, not a Python loop. A plain file
@@ -263,17 +263,30 @@ def iter_ndjson_blocks(
                 keep = ~blank
                 starts, ends, numbers = starts[keep], ends[keep], numbers[keep]
             lines = _lines_from_offsets(data, starts, ends)
+            invalid: list[tuple[int, str]] = []
+            if lines is None:  # invalid UTF-8 somewhere in the block (rare): find the lines
+                lines, numbers, invalid = _split_invalid_utf8(data, starts, ends, numbers)
             if on_progress is not None:
                 pos = raw_fh.tell()
                 on_progress(pos - last_pos)
                 last_pos = pos
-            if len(numbers):
-                yield lines, numbers
+            if len(numbers) or invalid:
+                yield NdjsonBlock(lines, numbers, invalid)
             if not chunk:
                 break
 
 
-def _lines_from_offsets(data: bytes, starts: np.ndarray, ends: np.ndarray) -> pa.StringArray:
+@dataclass(frozen=True)
+class NdjsonBlock:
+    """One block of an NDJSON file: its lines, their line numbers, and the lines that are
+    not valid UTF-8 (``(line number, text with U+FFFD)``), which never reach the parser."""
+
+    lines: pa.Array
+    numbers: np.ndarray
+    invalid_utf8: list[tuple[int, str]]
+
+
+def _lines_from_offsets(data: bytes, starts: np.ndarray, ends: np.ndarray) -> pa.Array | None:
     """An Arrow string array of ``data[starts[i]:ends[i]]`` without copying the bytes.
 
     Arrow strings are contiguous, so each value runs to the next start: the newline (and
@@ -291,18 +304,25 @@ def _lines_from_offsets(data: bytes, starts: np.ndarray, ends: np.ndarray) -> pa
     try:
         arr.validate(full=True)
     except pa.ArrowInvalid:
-        return _lines_python(data, starts, ends)
-    return arr  # type: ignore[return-value]
+        return None  # not valid UTF-8
+    return arr
 
 
-def _lines_python(data: bytes, starts: np.ndarray, ends: np.ndarray) -> pa.StringArray:
-    """Slow path for blocks with invalid UTF-8: bad bytes become U+FFFD (and the JSON then
-    fails validation with its line number, or keeps a replacement character in a string)."""
-    texts = [
-        data[s:e].decode("utf-8", errors="replace")
-        for s, e in zip(starts.tolist(), ends.tolist(), strict=True)
-    ]
-    return pa.array(texts, pa.string())  # type: ignore[return-value]
+def _split_invalid_utf8(
+    data: bytes, starts: np.ndarray, ends: np.ndarray, numbers: np.ndarray
+) -> tuple[pa.Array, np.ndarray, list[tuple[int, str]]]:
+    """Slow path for a block with invalid UTF-8: decode line by line, set bad lines aside."""
+    texts: list[str] = []
+    keep: list[int] = []
+    invalid: list[tuple[int, str]] = []
+    for i, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+        raw = data[s:e]
+        try:
+            texts.append(raw.decode("utf-8"))
+            keep.append(i)
+        except UnicodeDecodeError:
+            invalid.append((int(numbers[i]), raw.decode("utf-8", errors="replace").rstrip("\r")))
+    return pa.array(texts, pa.string()), numbers[keep], invalid
 
 
 # -- the ingestor ----------------------------------------------------------------------------------
@@ -581,17 +601,30 @@ class Ingestor:
         now = _utcnow()
         origin = str(path)
         if fmt == "ndjson":
-            for lines, numbers in iter_ndjson_blocks(path, on_progress=on_progress):
-                yield normalize_lines(
-                    lines,
+            for block in iter_ndjson_blocks(path, on_progress=on_progress):
+                batch = normalize_lines(
+                    block.lines,
                     settings=settings,
                     source=source,
                     location_prefix=origin,
-                    line_numbers=numbers,
+                    line_numbers=block.numbers,
                     mapping=mapping,
                     now=now,
                     origin=origin,
                 )
+                if block.invalid_utf8:
+                    bad = quarantine_table(
+                        [
+                            QuarantineRecord(source, f"{origin}:{no}", "not valid UTF-8", text)
+                            for no, text in block.invalid_utf8
+                        ]
+                    )
+                    batch = replace(
+                        batch,
+                        quarantine=pa.concat_tables([bad, batch.quarantine]),
+                        received=batch.received + bad.num_rows,
+                    )
+                yield batch
             return
         first = 1
         for rb in _iter_table_batches(path, fmt, settings.ingest.batch_size):
@@ -830,5 +863,6 @@ __all__ = [
     "PlannedInput",
     "detect_format",
     "is_world_dir",
+    "NdjsonBlock",
     "iter_ndjson_blocks",
 ]
