@@ -860,9 +860,9 @@ __all__ = [
     "FileReport",
     "IngestReport",
     "Ingestor",
+    "NdjsonBlock",
     "PlannedInput",
     "detect_format",
     "is_world_dir",
-    "NdjsonBlock",
     "iter_ndjson_blocks",
 ]
