@@ -108,7 +108,10 @@ def ingest_files(
             "e.g. --map user_id=uid --map timestamp=ts (repeatable).",
         ),
     ] = None,
-    source: Annotated[str, typer.Option(help="Source name stored with the events.")] = "file",
+    source: Annotated[
+        str | None,
+        typer.Option(help="Source name stored with the events (default: file / simulate)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Load event files, product-table files or a `featurerec simulate` directory."""

@@ -451,13 +451,14 @@ class Ingestor:
         paths: Iterable[str | os.PathLike[str]],
         mapping: Mapping[str, str] | None = None,
         *,
-        source: str = "file",
+        source: str | None = None,
         on_progress: ProgressHook | None = None,
     ) -> IngestReport:
         """Load files and directories; a ``featurerec simulate`` directory loads as a world.
 
         ``mapping`` (canonical event field -> column/key in the files) applies to event
-        files; when None, ``settings.ingest.column_map`` is used if it is set.
+        files; when None, ``settings.ingest.column_map`` is used if it is set. ``source``
+        is stored with the events (default: ``file``, or ``simulate`` for a world).
         """
         t0 = time.perf_counter()
         plan = self.plan_paths(paths)
@@ -465,11 +466,19 @@ class Ingestor:
         report = IngestReport()
         for item in plan:
             if item.world is not None:
-                report.add(self.ingest_world(item.world, source=source, on_progress=on_progress))
+                report.add(
+                    self.ingest_world(
+                        item.world, source=source or "simulate", on_progress=on_progress
+                    )
+                )
             else:
                 report.add(
                     self._ingest_file(
-                        item.path, item.table, mapping, source=source, on_progress=on_progress
+                        item.path,
+                        item.table,
+                        mapping,
+                        source=source or "file",
+                        on_progress=on_progress,
                     )
                 )
         report.seconds = time.perf_counter() - t0
