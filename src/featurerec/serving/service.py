@@ -130,6 +130,16 @@ class SnapshotFallback:
         return Ranked(ids=cols, scores=sc, propensities=prop, explored=explored)
 
 
+@dataclass(frozen=True)
+class _StateContext:
+    """An online state and the objects built from its snapshot (swapped as one)."""
+
+    state: OnlineState
+    policy: EligibilityPolicy
+    reasons: ReasonBuilder
+    fallback: SnapshotFallback
+
+
 class ModelHolder:
     """One reference to the current model; replaced atomically by hot reload."""
 
@@ -255,26 +265,45 @@ class RecommendationService:
         )
         self._rng = np.random.default_rng(settings.serving.seed)
         self._rng_lock = threading.Lock()
-        self.state = state
-        self._set_state_derived(state)
+        self._ctx = self._derive(state)
         if model is None:
             model = self.fallback
             model_error = model_error or "no model bundle loaded"
         self.holder = ModelHolder(model, model_error)
 
     # -- state / model management --------------------------------------------------------
-    def _set_state_derived(self, state: OnlineState) -> None:
+    def _derive(self, state: OnlineState) -> _StateContext:
         snap = state.snapshot
-        self.policy = EligibilityPolicy(state.features, snap.flags, snap.feature_plans, self.rules)
         support = self.settings.serving.reason_min_support
-        self.reasons = ReasonBuilder(snap, self.catalog, min_support=support)
-        self.fallback = SnapshotFallback(snap, min_support=support)
+        return _StateContext(
+            state=state,
+            policy=EligibilityPolicy(state.features, snap.flags, snap.feature_plans, self.rules),
+            reasons=ReasonBuilder(snap, self.catalog, min_support=support),
+            fallback=SnapshotFallback(snap, min_support=support),
+        )
+
+    # The state and what is derived from it are swapped together in one assignment, so a
+    # request never mixes an old state with a new policy (their item spaces may differ).
+    @property
+    def state(self) -> OnlineState:
+        return self._ctx.state
+
+    @property
+    def policy(self) -> EligibilityPolicy:
+        return self._ctx.policy
+
+    @property
+    def reasons(self) -> ReasonBuilder:
+        return self._ctx.reasons
+
+    @property
+    def fallback(self) -> SnapshotFallback:
+        return self._ctx.fallback
 
     def swap_state(self, state: OnlineState) -> OnlineState:
         """Serve from a new online state (after a new snapshot); returns the old one."""
         old = self.state
-        self._set_state_derived(state)
-        self.state = state
+        self._ctx = self._derive(state)
         if self.holder.model.is_fallback:
             self.holder.swap(self.fallback, self.holder.error)
         return old
@@ -338,9 +367,9 @@ class RecommendationService:
 
     def recommend(self, req: RecommendationRequest) -> RecommendationResult:
         t0 = time.perf_counter()
-        state = self.state
+        ctx = self._ctx
+        state, policy, reasons = ctx.state, ctx.policy, ctx.reasons
         model = self.holder.model
-        policy, reasons = self.policy, self.reasons
         now_dt = self.clock()
         now = epoch_seconds(now_dt)
         dep = self.deployment.models
@@ -355,7 +384,7 @@ class RecommendationService:
         if placement_override is None or placement_override == placement:
             exclude, n = policy.exclude_mask(attrs, adopted, state.exposure(row, now), now, k)
             if n > 0:
-                ranked, model = self._rank(model, strategy, user, exclude, state, n)
+                ranked, model = self._rank(model, ctx.fallback, strategy, user, exclude, state, n)
                 fallback = model.is_fallback
                 items = self._items(ranked, model, exclude, state, user, attrs, reasons, request_id)
         if items:
@@ -412,6 +441,7 @@ class RecommendationService:
     def _rank(
         self,
         model: ServingModel,
+        fallback: ServingModel,
         strategy: str,
         user: UserState,
         exclude: np.ndarray,
@@ -421,7 +451,7 @@ class RecommendationService:
         """Candidates + exploring ranking on the model's item space; falls back on error."""
         dep = self.deployment.models
         eps = dep.ranker.exploration_rate
-        for m in (model, self.fallback):
+        for m in (model, fallback):
             m_exclude = _to_model_space(exclude, state.features, m.features)
             try:
                 with self._rng_lock:
@@ -430,7 +460,7 @@ class RecommendationService:
                     )
                 return ranked, m
             except Exception as exc:  # any model failure: this request falls back
-                if m is self.fallback:
+                if m is fallback:
                     raise
                 self.holder.error = f"request-time model error: {type(exc).__name__}: {exc}"
                 log.warning("serving: model failed for %s, serving fallback: %s", user.user_id, exc)
