@@ -263,8 +263,9 @@ class ServingRuntime:
             except ModelError as exc:
                 log.error("serving: new online state unusable, keeping current: %s", exc)
             else:
-                old = self.service.swap_state(state)
-                state.adopt_history(old)
+                # Exposure and dismissals move over before the swap, so caps hold throughout.
+                state.adopt_history(self.service.state)
+                self.service.swap_state(state)
                 from featurerec.serving.loader import landing_dir, replay_landing
 
                 # Events applied to the old state between the load and the swap.
