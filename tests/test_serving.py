@@ -6,6 +6,7 @@ import logging
 import math
 import re
 import shutil
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -255,8 +256,15 @@ def test_hot_reload_swaps_model_and_state(world: Settings, tmp_path) -> None:
         "feature-recommender-online", tmp_path / "snap2", kind="state"
     )
     service = rt.service
+    shown = rt.service.recommend(RecommendationRequest("usr_000002")).recommendations
+    assert shown
     changed = rt.check_reload()
     assert changed == "state+model"
+    st = rt.service.state
+    exposure = st.exposure(st.row_of("usr_000002"), time.time())
+    assert {st.features[j] for j in np.flatnonzero(exposure.shown_7d)} == {
+        r.feature for r in shown
+    }  # exposure carried over to the new state
     assert rt.service is service and rt.service.model is not old_model
     res = rt.service.recommend(RecommendationRequest("usr_000001"))
     assert res.recommendations == []
