@@ -194,3 +194,22 @@ def test_state_kind_latest_is_newest(reg, tmp_path):
     reg.register("feature-recommender-online", artifact(tmp_path, "s1"), kind="state")
     reg.register("feature-recommender-online", artifact(tmp_path, "s2"), kind="state")
     assert reg.resolve("state:/feature-recommender-online/latest").version == 2
+
+
+def test_rollback_a_whole_run(reg, tmp_path):
+    for run in ("r1", "r2"):
+        for kind, name in (("models", "mf"), ("models", "bandit"), ("indexes", "hnsw")):
+            v = reg.register(name, artifact(tmp_path, f"{run}{name}"), kind=kind, run_id=run)
+            reg.promote(name, v.version, criteria=CRIT, metrics=GOOD, kind=kind)
+    with pytest.raises(ModelError, match="no production model or index comes from run 'r1'"):
+        reg.rollback_run("r1")
+    back = reg.rollback_run("r2")
+    assert sorted((v.kind, v.name, v.version) for v in back) == [
+        ("indexes", "hnsw", 1),
+        ("models", "bandit", 1),
+        ("models", "mf", 1),
+    ]
+    assert reg.resolve("indexes:/hnsw/latest").run_id == "r1"
+    with pytest.raises(ModelError, match="has no earlier production version"):
+        reg.rollback_run("r1")
+    assert reg.resolve("models:/mf/production").run_id == "r1"  # nothing changed

@@ -148,10 +148,31 @@ def promote_cmd(
 
 
 @app.command("rollback")
-def rollback_cmd(ctx: typer.Context, name: str, kind: KindOpt = "models") -> None:
-    """Make the previous production version production again."""
-    mv = _registry(ctx).rollback(name, kind=kind)
+def rollback_cmd(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(help="Model (or index with --kind) name.")] = None,
+    kind: KindOpt = "models",
+    run: Annotated[
+        str | None,
+        typer.Option("--run", help="Roll back every model and index a pipeline run promoted."),
+    ] = None,
+) -> None:
+    """Make the previous production version production again (one NAME, or a whole --run)."""
+    reg = _registry(ctx)
+    if (name is None) == (run is None):
+        raise ModelError("give a NAME or --run RUN_ID (not both)")
+    if run is not None:
+        for mv in reg.rollback_run(run):
+            console.print(f"{mv.kind}:/{mv.name}: production is now v{mv.version}")
+        return
+    assert name is not None
+    mv = reg.rollback(name, kind=kind)
     console.print(f"{kind}:/{name}: production is now v{mv.version}")
+    if kind == "models":
+        console.print(
+            "[dim]note: an index built from this model stays as it is; `featurerec models"
+            " rollback --run RUN_ID` rolls back a run's models and index together[/dim]"
+        )
 
 
 def register(app_root: typer.Typer, groups: Any) -> None:

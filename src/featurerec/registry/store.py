@@ -469,6 +469,33 @@ class Registry:
             )  # fmt: skip
         return self.get(name, target, kind)
 
+    def rollback_run(self, run_id: str) -> list[ModelVersion]:
+        """Roll back every model and index whose production version came from ``run_id``.
+
+        A pipeline run promotes its models and the index built from them together; this undoes
+        them together, so the index never points at item factors of a different model.
+        ModelError if ``run_id`` owns no production version. Each target is verified first.
+        """
+        owned = [
+            (kind, name)
+            for kind in GATED_KINDS
+            for name in self.names(kind)
+            if (cur := self.current(name, "production", kind)) is not None and cur.run_id == run_id
+        ]
+        if not owned:
+            raise ModelError(f"no production model or index comes from run {run_id!r}")
+        for kind, name in owned:  # check every target before changing anything
+            state = self._state(kind, name)
+            cur_v = max(int(v) for v, st in state["stages"].items() if st == "production")
+            earlier = [v for v in state.get("production_history", []) if v != cur_v]
+            if not earlier:
+                raise ModelError(
+                    f"cannot roll back run {run_id}: {kind}:/{name}/{cur_v} has no earlier"
+                    " production version"
+                )
+            self.verify(self.get(name, earlier[-1], kind))
+        return [self.rollback(name, kind) for kind, name in owned]
+
     def _append_history(
         self,
         kind: str,
