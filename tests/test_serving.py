@@ -183,7 +183,11 @@ def test_feedback_dismiss_is_idempotent_and_blocks_feature(client: TestClient) -
     first = client.post("/api/v1/feedback", json=fb).json()
     assert first == {"accepted": 1, "duplicates": 0, "applied": 1}
     assert client.post("/api/v1/feedback", json=fb).json()["duplicates"] == 1
-    assert client.post("/api/v1/feedback", json={**fb, "kind": "wave"}).status_code == 422
+    bad = client.post("/api/v1/feedback", json={**fb, "kind": "wave"})
+    assert bad.status_code == 422 and bad.json()["error"].startswith("kind: Input should be")
+    batch = {"feedback": [{"recommendation_id": "r1", "kind": "click"}, {"kind": "click"}]}
+    bad = client.post("/api/v1/feedback", json=batch)
+    assert bad.status_code == 422 and "feedback.1.recommendation_id: Field required" in bad.text
     for _ in range(3):
         again = client.get("/api/v1/recommendations", params={"user_id": user}).json()
         assert rec["feature"] not in {x["feature"] for x in again["recommendations"]}

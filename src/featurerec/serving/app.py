@@ -493,13 +493,24 @@ def create_app(runtime: ServingRuntime | None = None, settings: Settings | None 
     async def post_recommendations(q: RecommendationQuery) -> Response:
         return await _serve(q)
 
-    @app.post("/api/v1/feedback", response_model=FeedbackResult, summary="Record feedback")
-    async def feedback(
-        body: Annotated[FeedbackIn | FeedbackBatch, Body()],
-    ) -> Response:
+    feedback_schema = FeedbackIn.model_json_schema()
+
+    @app.post(
+        "/api/v1/feedback",
+        response_model=FeedbackResult,
+        summary="Record feedback",
+        description="One feedback object, or {'feedback': [objects]} for a batch.",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": feedback_schema}},
+            }
+        },
+    )
+    async def feedback(request: Request) -> Response:
         runtime = rt()
         t0 = time.perf_counter()
-        items = body.feedback if isinstance(body, FeedbackBatch) else [body]
+        items = _parse_feedback(await request.body())
         records, dup, applied = [], 0, 0
         now = utcnow()
         state = runtime.service.state
@@ -587,6 +598,25 @@ def create_app(runtime: ServingRuntime | None = None, settings: Settings | None 
         return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _parse_feedback(raw: bytes) -> list[FeedbackIn]:
+    """One feedback object or ``{"feedback": [...]}``; 422 naming the field otherwise."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise RequestValidationError(
+            [{"loc": ("body",), "msg": f"invalid JSON: {exc}", "type": "json_invalid"}]
+        ) from None
+    batch = isinstance(body, dict) and "feedback" in body
+    try:
+        if batch:
+            return FeedbackBatch.model_validate(body).feedback
+        return [FeedbackIn.model_validate(body)]
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
+        ) from None
 
 
 def _openapi_query_params(model: type[BaseModel]) -> list[dict[str, Any]]:
