@@ -619,3 +619,119 @@ def test_own_sql_next_to_the_spec_and_resume(env, fakes, tmp_path):
     assert first.stages["evaluate_and_promote"].status == "failed"
     resumed = PipelineRunner(load_spec(path), settings, db, reg, hist).resume(first.run_id)
     assert resumed.status == "passed"
+
+
+#: The walkthrough's Stage 4 pipeline JSON, verbatim.
+SPEC_VERBATIM = r"""
+{
+  "pipeline": {
+    "name": "recommender-training-daily",
+    "schedule": "0 4 * * *",
+    "description": "Daily retraining of recommendation models and ANN index refresh",
+    "stages": [
+      {
+        "name": "build_interaction_matrix",
+        "type": "sql_transform",
+        "query_ref": "interaction_matrix_v2.sql",
+        "output_table": "ml.user_feature_interactions",
+        "timeout_minutes": 45
+      },
+      {
+        "name": "compute_transition_probs",
+        "type": "sql_transform",
+        "depends_on": ["build_interaction_matrix"],
+        "query_ref": "feature_transitions.sql",
+        "output_table": "ml.feature_transition_probs"
+      },
+      {
+        "name": "build_context_vectors",
+        "type": "sql_transform",
+        "depends_on": ["build_interaction_matrix"],
+        "query_ref": "user_context_vectors.sql",
+        "output_table": "ml.user_context_vectors"
+      },
+      {
+        "name": "quality_gate",
+        "type": "data_quality",
+        "depends_on": ["build_interaction_matrix", "compute_transition_probs", "build_context_vectors"],
+        "checks": [
+          {
+            "name": "interaction_matrix_coverage",
+            "type": "custom_sql",
+            "query": "SELECT COUNT(DISTINCT user_id) FROM ml.user_feature_interactions",
+            "min_value": 60000,
+            "severity": "critical"
+          },
+          {
+            "name": "feature_coverage",
+            "type": "custom_sql",
+            "query": "SELECT COUNT(DISTINCT feature) FROM ml.user_feature_interactions",
+            "min_value": 8,
+            "severity": "critical"
+          }
+        ]
+      },
+      {
+        "name": "train_matrix_factorization",
+        "type": "model_training",
+        "depends_on": ["quality_gate"],
+        "model_type": "als_matrix_factorization",
+        "input_table": "ml.user_feature_interactions",
+        "hyperparameters": {
+          "factors": 64,
+          "regularization": 0.01,
+          "iterations": 15,
+          "alpha": 40
+        },
+        "output": "models:/feature-recommender-mf/staging"
+      },
+      {
+        "name": "train_contextual_bandit",
+        "type": "model_training",
+        "depends_on": ["quality_gate"],
+        "model_type": "contextual_bandit",
+        "input_tables": ["ml.user_context_vectors", "ml.recommendation_feedback"],
+        "hyperparameters": {
+          "exploration_rate": 0.1,
+          "decay_factor": 0.995
+        },
+        "output": "models:/feature-recommender-bandit/staging"
+      },
+      {
+        "name": "rebuild_ann_index",
+        "type": "custom",
+        "depends_on": ["train_matrix_factorization"],
+        "command": "build_ann_index",
+        "config": {
+          "embedding_source": "models:/feature-recommender-mf/staging",
+          "index_type": "hnsw",
+          "metric": "cosine",
+          "ef_construction": 200,
+          "M": 16
+        }
+      },
+      {
+        "name": "evaluate_and_promote",
+        "type": "model_evaluation",
+        "depends_on": ["train_matrix_factorization", "train_contextual_bandit"],
+        "metrics": ["ndcg@5", "hit_rate@3", "diversity_score"],
+        "promotion_criteria": {
+          "ndcg@5": "> 0.35",
+          "hit_rate@3": "> 0.40"
+        },
+        "promote_to": "production"
+      }
+    ]
+  }
+}
+"""
+
+
+def test_the_walkthrough_json_is_a_valid_spec():
+    spec = parse_spec(json.loads(SPEC_VERBATIM))
+    assert spec.name == "recommender-training-daily" and spec.schedule == "0 4 * * *"
+    assert spec.order()[0] == "build_interaction_matrix"
+    assert spec.stage("quality_gate").checks[0].min_value == 60000
+    assert spec.stage("evaluate_and_promote").function_name == "model_evaluation"
+    # the index stage has no output in the walkthrough: it runs, but registers nothing
+    assert spec.stage("rebuild_ann_index").output is None
