@@ -47,6 +47,10 @@ DEFAULT_ALS_GRID: tuple[ALSParams, ...] = (
     ALSParams(32, 1.0, 15, 10.0),
     ALSParams(16, 0.1, 15, 5.0),
     ALSParams(16, 5.0, 15, 40.0),
+    # low rank, strongly regularised: with a catalog of ~10 features a rank >= the number
+    # of features reproduces each user's row and says nothing about the others
+    ALSParams(8, 10.0, 15, 10.0),
+    ALSParams(3, 1.0, 15, 10.0),
 )
 TRANSITION_WEIGHTS = (0.0, 0.15, 0.3, 0.5)
 CONTENT_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
