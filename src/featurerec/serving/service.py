@@ -386,7 +386,9 @@ class RecommendationService:
             if n > 0:
                 ranked, model = self._rank(model, ctx.fallback, strategy, user, exclude, state, n)
                 fallback = model.is_fallback
-                items = self._items(ranked, model, exclude, state, user, attrs, reasons, request_id)
+                items = self._items(
+                    ranked, model, exclude, state, adopted, attrs, reasons, request_id
+                )
         if items:
             ids = [state.findex[i.feature] for i in items]
             state.record_served(req.user_id, ids, now)
@@ -472,13 +474,14 @@ class RecommendationService:
         model: ServingModel,
         exclude: np.ndarray,
         state: OnlineState,
-        user: UserState,
+        adopted: np.ndarray,
         attrs: UserAttributes,
         reasons: ReasonBuilder,
         request_id: str,
     ) -> list[ServedItem]:
-        used = [state.findex[f] for f in user.interactions if f in state.findex]
-        used += [state.findex[f] for f in user.recent_features if f in state.findex]
+        # Facts about "features you use" only from accepted events (the online state), never
+        # from the request's unverified context.
+        used = np.flatnonzero(adopted).tolist()
         out: list[ServedItem] = []
         seen: set[int] = set()
         for pos in range(ranked.ids.shape[1]):
