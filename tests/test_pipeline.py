@@ -735,3 +735,23 @@ def test_the_walkthrough_json_is_a_valid_spec():
     assert spec.stage("evaluate_and_promote").function_name == "model_evaluation"
     # the index stage has no output in the walkthrough: it runs, but registers nothing
     assert spec.stage("rebuild_ann_index").output is None
+
+
+def test_interrupted_run_leaves_a_resumable_record(env, fakes):
+    settings, db, reg, hist, _ = env
+
+    class CtrlC(RecordingSink):
+        def stage_started(self, name: str, attempt: int) -> None:
+            if name == "train_matrix_factorization":
+                raise KeyboardInterrupt  # as if the user pressed Ctrl-C here
+
+    runner = PipelineRunner(parse_spec(spec_dict()), settings, db, reg, hist, sink=CtrlC())
+    with pytest.raises(KeyboardInterrupt):
+        runner.run()
+    record = hist.load("latest")
+    assert record.status == "failed"
+    assert record.stages["build_interaction_matrix"].status == "passed"
+    assert record.stages["train_matrix_factorization"].error == "run interrupted: KeyboardInterrupt"
+    resumed = runner_for(env, spec_dict()).resume(record.run_id)
+    assert resumed.status == "passed"
+    assert resumed.stages["build_interaction_matrix"].attempts == 1

@@ -239,6 +239,19 @@ class PipelineRunner:
 
     # -- the loop -------------------------------------------------------------------------
     def _execute(self, record: RunRecord) -> RunRecord:
+        try:
+            return self._loop(record)
+        except BaseException as exc:  # Ctrl-C or a runner bug: leave a resumable record
+            for st in record.stages.values():
+                if st.status in ("running", "pending"):
+                    st.status = "failed" if st.status == "running" else "skipped"
+                    st.error = f"run interrupted: {type(exc).__name__}"
+            record.status = "failed"
+            record.finished_at = utcnow()
+            self.history.save(record)
+            raise
+
+    def _loop(self, record: RunRecord) -> RunRecord:
         spec = self.spec
         order = spec.order()
         stages = record.stages
