@@ -92,6 +92,15 @@ def main() -> int:
         "ope_inside_by_estimator": {k: sum(x) / len(x) for k, x in by_estimator.items()},
         "ope_dr_inside_by_variant": {v: sum(x) / len(x) for v, x in by_variant.items()},
         "ope_dr_inside_by_metric": {m: sum(x) / len(x) for m, x in by_metric_dr.items()},
+        "online_inside_ope_ci_dr_by_metric": {
+            m: sum(
+                bool(o.online_inside_ope_ci)
+                for o in checked
+                if o.estimator == "dr" and o.metric == m
+            )
+            / max(1, sum(1 for o in checked if o.estimator == "dr" and o.metric == m))
+            for m in by_metric_dr
+        },
         "timings": result.timings,
         "counts": result.counts,
         "tables": tables,

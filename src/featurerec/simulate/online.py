@@ -112,6 +112,8 @@ class OPEResult:
     inside_online_ci: bool | None
     n_logged: int
     note: str = ""
+    #: the looser check: the online value lies inside the OPE interval
+    online_inside_ope_ci: bool | None = None
 
 
 @dataclass
@@ -712,10 +714,13 @@ class OnlineExperiment:
                     if online.ci_low is None
                     else bool(online.ci_low <= e.value <= online.ci_high)
                 )
+                reverse = (
+                    None if online.value is None else bool(e.ci_low <= online.value <= e.ci_high)
+                )
                 ope.append(
                     OPEResult(o["variant"], o["strategy"], o["metric"], name, e.value, e.ci_low,
                               e.ci_high, online.value, online.ci_low, online.ci_high, inside,
-                              o["n"])
+                              o["n"], online_inside_ope_ci=reverse)
                 )  # fmt: skip
         self._time("report", t0)
         self.timings["total"] = time.perf_counter() - t_all
@@ -827,7 +832,12 @@ def result_tables(result: OnlineResult) -> dict[str, list[dict[str, Any]]]:
             "online 95% CI": ""
             if o.online_ci_low is None
             else f"[{o.online_ci_low:.3f}, {o.online_ci_high:.3f}]",
-            "inside": "" if o.inside_online_ci is None else ("yes" if o.inside_online_ci else "no"),
+            "OPE inside online CI": ""
+            if o.inside_online_ci is None
+            else ("yes" if o.inside_online_ci else "no"),
+            "online inside OPE CI": ""
+            if o.online_inside_ope_ci is None
+            else ("yes" if o.online_inside_ope_ci else "no"),
             "note": o.note,
         }
         for o in result.ope
