@@ -29,8 +29,8 @@ TARGET_SECONDS = 600
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--users", type=int, default=28_000)
-    ap.add_argument("--history-days", type=int, default=21)
+    ap.add_argument("--users", type=int, default=36_000)
+    ap.add_argument("--history-days", type=int, default=14)
     ap.add_argument("--warmup-days", type=int, default=10)
     ap.add_argument("--weeks", type=float, default=4)
     ap.add_argument("--retrain-every", type=int, default=7)
