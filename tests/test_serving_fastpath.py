@@ -177,3 +177,27 @@ def test_group_commit_writes_every_line_once_with_fewer_syncs(tmp_path: Path) ->
     ids = [r["recommendation_id"] for r in iter_records(tmp_path, RECLOG_PREFIX)]
     assert sorted(ids) == sorted(f"r{i}" for i in range(500))
     assert log.records_written == 500 and log.commits < 500
+
+
+def test_snapshot_reads_the_pipeline_transforms_tables() -> None:
+    """The snapshot built from PIPE's real Stage 3 tables (not the fixture's stand-ins)."""
+    from featurerec.warehouse.transforms import build_features
+
+    settings = Settings.model_validate({"windows": {"min_transition_count": 3}})
+    with DuckDBEngine(":memory:") as engine:
+        fill_fixture_warehouse(engine, n_users=120, seed=8)
+        for t in ("ml.user_feature_interactions", "ml.feature_transition_probs"):
+            engine.execute(f"DROP TABLE {t}")
+        build_features(engine, settings, FIXTURE_AS_OF)
+        snap = build_snapshot(engine, settings, FIXTURE_AS_OF)
+        probs = engine.query_rows(
+            "SELECT from_feature, to_feature, transition_count, from_total "
+            "FROM ml.feature_transition_probs"
+        )
+    assert snap.n_users == 120 and snap.transitions
+    got = {(t.from_feature, t.to_feature): (t.count, t.from_total) for t in snap.transitions}
+    assert got == {
+        (r["from_feature"], r["to_feature"]): (r["transition_count"], r["from_total"])
+        for r in probs
+    }
+    assert 0 < snap.strength.max() <= 1 and (snap.strength[~snap.adopted] == 0).all()
