@@ -78,18 +78,22 @@ def generate(path: Path, n: int, seed: int = 0) -> dict[str, int]:
     plans = "[" + ", ".join(f"'{p}'" for p in PLANS) + "]"
     # i -> a user, a session, a time (30 days, increasing), an event type by bucket.
     sql = f"""
-    WITH base AS (
+    WITH ids AS (
+        -- ~0.5% of lines re-send the event of 5 lines earlier (same id, same content)
+        SELECT i, CASE WHEN i % 200 = 7 THEN i - 5 ELSE i END AS eid FROM range({n}) t(i)
+    ),
+    base AS (
         SELECT
             i,
-            CASE WHEN i % 200 = 7 THEN i - 5 ELSE i END AS eid,   -- ~0.5% re-sent events
-            (hash(i // 12) % 100000)::BIGINT AS u,
-            (i // 12) AS sess,
-            i % 12 AS seq,
-            TIMESTAMP '2026-02-01' + to_microseconds((i * 30 * 86400000000 // {n})::BIGINT) AS ts,
-            (hash(i) % 100)::INTEGER AS bucket,
-            (hash(i // 12) % 1000003)::BIGINT AS hu,
-            (hash(i) % 1000003)::BIGINT AS hi
-        FROM range({n}) t(i)
+            eid,
+            (hash(eid // 12) % 100000)::BIGINT AS u,
+            (eid // 12) AS sess,
+            eid % 12 AS seq,
+            TIMESTAMP '2026-02-01' + to_microseconds((eid * 30 * 86400000000 // {n})::BIGINT) AS ts,
+            (hash(eid) % 100)::INTEGER AS bucket,
+            (hash(eid // 12) % 1000003)::BIGINT AS hu,
+            (hash(eid) % 1000003)::BIGINT AS hi
+        FROM ids
     )
     SELECT
         CASE WHEN i % 2000 = 1999 THEN '{{"event_id": "evt_broken", "user_id": '  -- malformed
@@ -136,6 +140,7 @@ def generate(path: Path, n: int, seed: int = 0) -> dict[str, int]:
     return {
         "lines": n,
         "malformed_planted": n // 2000,
+        # Identical re-sends; those of filtered event types count as filtered, not duplicate.
         "resent_planted": n // 200,
     }
 
