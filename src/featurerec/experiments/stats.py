@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,7 +175,9 @@ def welch_test(t: np.ndarray, c: np.ndarray) -> float:
         return math.nan
     if np.ptp(t) == 0 and np.ptp(c) == 0:  # no variance at all: equal means or undefined
         return 1.0 if t[0] == c[0] else math.nan
-    return float(stats.ttest_ind(t, c, equal_var=False).pvalue)
+    with warnings.catch_warnings():  # near-constant samples: scipy warns, the p-value stands
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_ind(t, c, equal_var=False).pvalue)
 
 
 def bootstrap_lift(

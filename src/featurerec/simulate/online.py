@@ -723,6 +723,15 @@ class OnlineExperiment:
                               e.ci_high, online.value, online.ci_low, online.ci_high, inside,
                               o["n"], online_inside_ope_ci=reverse)
                 )  # fmt: skip
+        for v in report.variants:
+            if v.users == 0:
+                why = (
+                    "onboarding_wizard asks only in a user's first 7 days, and the continued "
+                    "world has no new signups after its history window"
+                    if self.spec.variant(v.name).resolved_placement == "onboarding_wizard"
+                    else "nobody in it was served"
+                )
+                self.notes.append(f"variant {v.name} got no exposures: {why}")
         self._time("report", t0)
         self.timings["total"] = time.perf_counter() - t_all
         self.engine.close()
