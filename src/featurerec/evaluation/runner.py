@@ -57,7 +57,18 @@ def run_evaluation(
     t_train = time.perf_counter() - t0 - t_split
     extra = {}
     if world is not None:
-        extra["oracle"] = oracle_scores(world, [u.user_id for u in sp.test.users], sp.test.features)
+        from datetime import datetime
+
+        cut = datetime.fromisoformat(sp.info["cut"]) if "cut" in sp.info else None
+        extra.update(
+            oracle_scores(
+                world,
+                [u.user_id for u in sp.test.users],
+                sp.test.features,
+                as_of=cut,
+                horizon_days=float(sp.info.get("holdout_days", 7)),
+            )
+        )
     rows = evaluate(
         bundle,
         sp.test,

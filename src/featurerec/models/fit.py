@@ -100,7 +100,7 @@ class TrainReport:
     content_weight: float = 0.0
     content_search: list[dict[str, float]] = field(default_factory=list)
     arm_precision: dict[str, float] = field(default_factory=dict)
-    arm_precision_search: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    arm_precision_search: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     warm_start_rows: int = 0
     validation_users: int = 0
 
@@ -321,7 +321,55 @@ def _pick_weight(
     return best[1], table
 
 
-ARM_PRECISIONS = (50.0, 500.0, 5000.0)
+#: (arm_precision, context_precision) settings tried by the warm start's cross-validation.
+SHRINKAGE_GRID = ((50.0, 30.0), (500.0, 30.0), (5000.0, 30.0), (5000.0, 300.0), (50000.0, 300.0))
+
+
+def _cv_shrinkage(
+    bandit: ContextualBandit,
+    ids: np.ndarray,
+    valid: np.ndarray,
+    sig: np.ndarray,
+    x: np.ndarray,
+    stats: list[tuple[np.ndarray, np.ndarray]],
+    fold: np.ndarray,
+    targets: np.ndarray,
+) -> tuple[tuple[float, tuple[float, float] | None], list[dict[str, Any]]]:
+    """2-fold CV over users of the warm start's shrinkage settings, against the upstream
+    order (no warm start, ``None``). Returns ((score, best setting), table)."""
+    has_target = targets.any(axis=1)
+
+    def cv_ndcg(predict: Callable[[], np.ndarray], fit: Callable[[int], None]) -> float:
+        score = 0.0
+        for f in (0, 1):
+            fit(f)
+            other = (fold != (f == 0)) & has_target
+            pred = np.where(valid, predict(), -np.inf)[other]
+            order = np.argsort(-pred, axis=1, kind="stable")[:, :5]
+            rec = np.take_along_axis(ids[other], order, axis=1)
+            score += float(ndcg_at_k(rec, targets[other], 5).mean()) / 2
+        return score
+
+    def predict() -> np.ndarray:
+        return np.einsum("ncd,ncd->nc", bandit.theta[np.maximum(ids, 0)], x)
+
+    upstream_only = cv_ndcg(lambda: sig[:, :, 0], lambda f: None)
+    table: list[dict[str, Any]] = [
+        {"setting": "upstream order (no warm start)", "ndcg@5": round(upstream_only, 4)}
+    ]
+    best: tuple[float, tuple[float, float] | None] = (upstream_only, None)
+    for arm, ctx_p in SHRINKAGE_GRID:
+
+        def fit_fold(f: int, arm: float = arm, ctx_p: float = ctx_p) -> None:
+            bandit.G, bandit.h = stats[f]
+            bandit.params = replace(bandit.params, context_precision=ctx_p)
+            bandit.with_arm_precision(arm)
+
+        score = cv_ndcg(predict, fit_fold)
+        table.append({"arm_precision": arm, "context_precision": ctx_p, "ndcg@5": round(score, 4)})
+        if score > best[0] + 1e-9:
+            best = (score, (arm, ctx_p))
+    return best, table
 
 
 def warm_start_bandits(
@@ -358,31 +406,24 @@ def warm_start_bandits(
             bandit.stats(xr[fold[r_idx] == f], item[fold[r_idx] == f], reward[fold[r_idx] == f])
             for f in (True, False)
         ]
-        table = []
-        best = (-1.0, bandit.params.arm_precision)
-        for lam in ARM_PRECISIONS:
-            score = 0.0
-            for f, (G, h) in zip((True, False), stats, strict=True):
-                bandit.G, bandit.h = G, h
-                bandit.with_arm_precision(lam)
-                other = (fold != f) & targets.any(axis=1)
-                pred = np.einsum("ncd,ncd->nc", bandit.theta[np.maximum(ids, 0)], x)
-                pred = np.where(valid, pred, -np.inf)[other]
-                order = np.argsort(-pred, axis=1, kind="stable")[:, :5]
-                rec = np.take_along_axis(ids[other], order, axis=1)
-                score += float(ndcg_at_k(rec, targets[other], 5).mean()) / 2
-            table.append({"arm_precision": lam, "ndcg@5": round(score, 4)})
-            if score > best[0] + 1e-9:
-                best = (score, lam)
-        bandit.G = stats[0][0] + stats[1][0]
-        bandit.h = stats[0][1] + stats[1][1]
-        bandit.with_arm_precision(best[1])
-        bandit.observations += len(item)
-        if len(item):
-            preds = np.einsum("nd,nd->n", bandit.theta[item], xr)
-            bandit.calibrator = Calibrator.fit(preds, seed=seed)
+        best, table = _cv_shrinkage(bandit, ids, valid, sig, x, stats, fold, targets)
+        if best[1] is None:
+            # learning from the validation window did not beat the upstream order
+            # out of fold: keep the prior until logged feedback arrives
+            bandit.G = np.zeros_like(stats[0][0])
+            bandit.h = np.zeros_like(stats[0][1])
+            bandit._solve()
+        else:
+            bandit.G = stats[0][0] + stats[1][0]
+            bandit.h = stats[0][1] + stats[1][1]
+            bandit.params = replace(bandit.params, context_precision=best[1][1])
+            bandit.with_arm_precision(best[1][0])
+            bandit.observations += len(item)
+            if len(item):
+                preds = np.einsum("nd,nd->n", bandit.theta[item], xr)
+                bandit.calibrator = Calibrator.fit(preds, seed=seed)
         if report is not None:
-            report.arm_precision[name] = best[1]
+            report.arm_precision[name] = best[1][0] if best[1] is not None else float("nan")
             report.arm_precision_search[name] = table
         n_rows += len(item)
     return n_rows
