@@ -41,8 +41,9 @@ import io
 import os
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -83,8 +84,9 @@ CSV_SUFFIXES = (".csv",)
 #: Bytes of NDJSON read per block (cut at the last line end); one block = one batch.
 NDJSON_BLOCK_BYTES = 64 << 20
 
-#: Validate the next block in a worker thread while the current one is stored.
-PREFETCH = True
+#: Blocks validated in parallel (each in its own thread and single-threaded DuckDB cursor)
+#: while the current batch is stored; 0 validates inline.
+VALIDATION_WORKERS = 2
 
 #: ``on_progress(bytes_done)``: called as input bytes are consumed.
 ProgressHook = Callable[[int], None]
@@ -579,8 +581,7 @@ class Ingestor:
             if on_progress:
                 on_progress(path.stat().st_size)
             return report
-        batches = self.iter_file_batches(path, mapping, source=source, on_progress=on_progress)
-        for batch in _prefetch(batches) if PREFETCH else batches:
+        for batch in self.iter_file_batches(path, mapping, source=source, on_progress=on_progress):
             part = self.append(batch)
             fr.received += part.received
             fr.accepted += part.accepted
@@ -603,41 +604,47 @@ class Ingestor:
         *,
         source: str = "file",
         on_progress: ProgressHook | None = None,
+        workers: int | None = None,
     ) -> Iterator[ValidatedBatch]:
-        """Validated batches of one event file (NDJSON blocks, Parquet/CSV record batches)."""
+        """Validated batches of one event file (NDJSON blocks, Parquet/CSV record batches).
+
+        Blocks are read here, in order, and validated by ``workers`` threads (default
+        :data:`VALIDATION_WORKERS`) while the caller stores earlier ones; batches come out in
+        file order. Validation runs in DuckDB and numpy, which release the GIL.
+        """
         fmt = detect_format(path)
         settings = self.settings
         now = _utcnow()
         origin = str(path)
-        if fmt == "ndjson":
-            for block in iter_ndjson_blocks(path, on_progress=on_progress):
-                batch = normalize_lines(
-                    block.lines,
-                    settings=settings,
-                    source=source,
-                    location_prefix=origin,
-                    line_numbers=block.numbers,
-                    mapping=mapping,
-                    now=now,
-                    origin=origin,
+
+        def lines_batch(block: NdjsonBlock) -> ValidatedBatch:
+            batch = normalize_lines(
+                block.lines,
+                settings=settings,
+                source=source,
+                location_prefix=origin,
+                line_numbers=block.numbers,
+                mapping=mapping,
+                now=now,
+                origin=origin,
+            )
+            if block.invalid_utf8:
+                bad = quarantine_table(
+                    [
+                        QuarantineRecord(source, f"{origin}:{no}", "not valid UTF-8", text)
+                        for no, text in block.invalid_utf8
+                    ]
                 )
-                if block.invalid_utf8:
-                    bad = quarantine_table(
-                        [
-                            QuarantineRecord(source, f"{origin}:{no}", "not valid UTF-8", text)
-                            for no, text in block.invalid_utf8
-                        ]
-                    )
-                    batch = replace(
-                        batch,
-                        quarantine=pa.concat_tables([bad, batch.quarantine]),
-                        received=batch.received + bad.num_rows,
-                    )
-                yield batch
-            return
-        first = 1
-        for rb in _iter_table_batches(path, fmt, settings.ingest.batch_size):
-            yield normalize_table(
+                batch = replace(
+                    batch,
+                    quarantine=pa.concat_tables([bad, batch.quarantine]),
+                    received=batch.received + bad.num_rows,
+                )
+            return batch
+
+        def table_batch(item: tuple[int, pa.Table]) -> ValidatedBatch:
+            first, rb = item
+            return normalize_table(
                 rb,
                 settings=settings,
                 source=source,
@@ -647,11 +654,23 @@ class Ingestor:
                 now=now,
                 origin=origin,
             )
-            first += rb.num_rows
+
+        n_workers = VALIDATION_WORKERS if workers is None else workers
+        if fmt == "ndjson":
+            yield from _ordered_map(
+                lines_batch, iter_ndjson_blocks(path, on_progress=on_progress), n_workers
+            )
+            return
+
+        def numbered() -> Iterator[tuple[int, pa.Table]]:
+            first = 1
+            for rb in _iter_table_batches(path, fmt, settings.ingest.batch_size):
+                yield first, rb
+                first += rb.num_rows
             if on_progress:
-                on_progress(0)
-        if on_progress:
-            on_progress(path.stat().st_size)
+                on_progress(path.stat().st_size)
+
+        yield from _ordered_map(table_batch, numbered(), n_workers)
 
     # -- product tables ------------------------------------------------------------------------
     def table_keys(self, table: str) -> tuple[str, ...]:
@@ -758,20 +777,31 @@ class Ingestor:
         return int(n or 0)
 
 
-def _prefetch(items: Iterator[ValidatedBatch]) -> Iterator[ValidatedBatch]:
-    """Produce the next batch in a worker thread while the caller stores the current one.
+def _ordered_map(
+    fn: Callable[[Any], ValidatedBatch], items: Iterator[Any], workers: int
+) -> Iterator[ValidatedBatch]:
+    """``map(fn, items)`` with up to ``workers`` calls running ahead in threads, in order.
 
-    Reading and validation (numpy, DuckDB in its own connection) release the GIL, so the
-    two overlap on separate cores. Errors surface in the caller, in order.
+    The items are produced (read) in the caller's thread; the results are consumed (stored)
+    there too, so reading, validating and storing overlap. ``workers=0`` runs inline.
+    Errors surface in the caller, in order.
     """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featurerec-ingest") as pool:
-        fut = pool.submit(next, items, None)
-        while True:
-            item = fut.result()
-            if item is None:
-                return
-            fut = pool.submit(next, items, None)
-            yield item
+    if workers <= 0:
+        for item in items:
+            yield fn(item)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="featurerec-ingest") as pool:
+        pending: deque[Future[ValidatedBatch]] = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) > workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for fut in pending:
+                fut.cancel()
 
 
 @dataclass(frozen=True)

@@ -195,6 +195,11 @@ def quarantine_table(records: Sequence[QuarantineRecord]) -> pa.Table:
 
 # -- the private SQL engine ------------------------------------------------------------------
 
+#: DuckDB threads per validation query. Files are validated block by block in parallel
+#: worker threads (featurerec.events.ingest.VALIDATION_WORKERS), which costs less CPU than
+#: splitting one query over threads.
+VALIDATION_THREADS = 1
+
 _local = threading.local()
 _db_lock = threading.Lock()
 _db: duckdb.DuckDBPyConnection | None = None
@@ -219,7 +224,7 @@ def _connection() -> duckdb.DuckDBPyConnection:
     if con is None:
         with _db_lock:
             if _db is None:
-                _db = duckdb.connect(":memory:")
+                _db = duckdb.connect(":memory:", config={"threads": VALIDATION_THREADS})
                 for m in _MACROS:
                     _db.execute(m)
             con = _db.cursor()
