@@ -81,6 +81,11 @@ def run_evaluation(
         "als_params": report.als_params,
         "als_search": report.search,
         "transition_weight": report.transition_weight,
+        "transition_search": report.transition_search,
+        "content_weight": report.content_weight,
+        "content_search": report.content_search,
+        "bandit_shrinkage": report.arm_precision,
+        "bandit_shrinkage_search": report.arm_precision_search,
         "warm_start_rows": report.warm_start_rows,
         "seconds": {
             "split_and_features": round(t_split, 2),
