@@ -301,3 +301,13 @@ def test_invalid_utf8_line_is_quarantined_and_the_rest_loads(tmp_path, ing, db):
     q = db.query_rows("SELECT location, reason, raw FROM ingest_quarantine")[0]
     assert q["location"] == f"{f}:2" and q["reason"] == "not valid UTF-8"
     assert "\ufffd" in q["raw"]
+
+
+def test_errors_in_validation_workers_reach_the_caller(tmp_path, ing, db):
+    f = tmp_path / "x.csv"
+    f.write_text("id,user_id,event_type,timestamp\na,u,feature_used,2026-02-01T00:00:00Z\n")
+    with pytest.raises(
+        DataError, match=r"mapped column\(s\) not found: event_id \(column 'nope'\)"
+    ):
+        ing.ingest_paths([f], {"event_id": "nope"})
+    assert count(db) == 0
