@@ -34,6 +34,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -110,7 +111,9 @@ def fsync_latency(directory: Path, n: int = 200) -> dict[str, float]:
     return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99))}
 
 
-def user_ids(data: Path, n: int = 5000) -> list[str]:
+def user_ids(data: Path, n: int | None = None) -> list[str]:
+    """Request user ids: every user of the snapshot (shuffled) by default, so the runs do not
+    exhaust a few users' weekly caps and end up timing empty responses."""
     from featurerec.config import Settings
     from featurerec.registry import registry_for
     from featurerec.serving.snapshot import OnlineSnapshot
@@ -119,7 +122,8 @@ def user_ids(data: Path, n: int = 5000) -> list[str]:
     mv = registry_for(settings).resolve("state:/feature-recommender-online/latest")
     ids = OnlineSnapshot.load(mv.path).user_ids
     rng = np.random.default_rng(0)
-    return [str(x) for x in rng.choice(ids, size=min(n, len(ids)), replace=False)]
+    size = len(ids) if n is None else min(n, len(ids))
+    return [str(x) for x in rng.choice(ids, size=size, replace=False)]
 
 
 def _ms(text: str) -> float:
@@ -130,7 +134,7 @@ def _ms(text: str) -> float:
     return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
 
 
-def wrk(url: str, script: Path, connections: int, seconds: int) -> dict[str, float]:
+def wrk(url: str, script: Path, connections: int, seconds: int) -> dict[str, Any]:
     """One wrk run (or the Python generator when wrk is not installed)."""
     if shutil.which("wrk") is None:
         return pyload(url, script, connections, seconds)
@@ -165,6 +169,28 @@ def server_histogram(url: str) -> dict[str, dict[float, float]]:
     return out
 
 
+def served_items(url: str) -> tuple[float, float]:
+    """(recommendations served, recommendation requests) so far, from /metrics."""
+    text = httpx.get(f"{url}/metrics").text
+    items = sum(
+        float(v)
+        for v in re.findall(r"^featurerec_recommendations_total\{[^}]*\} (\S+)", text, re.M)
+    )
+    m = re.search(
+        r'^featurerec_request_latency_seconds_count\{endpoint="/api/v1/recommendations"\} (\S+)',
+        text,
+        re.M,
+    )
+    return items, float(m.group(1)) if m else 0.0
+
+
+def _with_items(url: str, before: tuple[float, float], r: dict) -> dict:
+    items, reqs = served_items(url)
+    n = reqs - before[1]
+    r["items_per_response"] = round((items - before[0]) / n, 3) if n else None
+    return r
+
+
 def server_quantiles(before: dict, after: dict, endpoint: str) -> dict[str, float]:
     """p50 / p99 (ms, bucket-interpolated) of server-side latency between two scrapes."""
     b, a = before.get(endpoint, {}), after.get(endpoint, {})
@@ -188,7 +214,7 @@ def server_quantiles(before: dict, after: dict, endpoint: str) -> dict[str, floa
     return res
 
 
-def pyload(url: str, script: Path, connections: int, seconds: int) -> dict[str, float]:
+def pyload(url: str, script: Path, connections: int, seconds: int) -> dict[str, Any]:
     """Fallback load generator with wrk's semantics (``connections`` keep-alive connections,
     each: request, wait for the response, sleep ``delay``), driven by asyncio + httpx.
     It needs far more CPU per request than wrk, so its ceilings are lower."""
@@ -250,7 +276,10 @@ def paced(url: str, tmp: Path, ids: list[str], qps: int, seconds: int) -> dict[s
     for name, prefix in (("recommendations", "/api/v1/recommendations?user_id="),
                          ("noop", "/noop?u=")):  # fmt: skip
         before = server_histogram(url)
+        counts = served_items(url)
         r: dict = wrk(url, script(tmp, f"{name}_{qps}", prefix, ids, delay), conns, seconds)
+        if name == "recommendations":
+            _with_items(url, counts, r)
         r["target_qps"] = qps
         if name == "recommendations":
             r["server_side"] = server_quantiles(
@@ -267,7 +296,10 @@ def max_qps(url: str, tmp: Path, ids: list[str], seconds: int) -> dict[str, dict
                          ("noop", "/noop?u=")):  # fmt: skip
         runs = []
         for c in (1, 2, 4, 8, 16, 32, 64):
+            counts = served_items(url)
             r = wrk(url, script(tmp, f"{name}_max", prefix, ids, 0), c, seconds)
+            if name == "recommendations":
+                _with_items(url, counts, r)
             runs.append(r)
             print(f"  unpaced {name} c={c}: {r}", flush=True)
             if r["p99_ms"] > 100:
