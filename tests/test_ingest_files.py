@@ -311,3 +311,22 @@ def test_errors_in_validation_workers_reach_the_caller(tmp_path, ing, db):
     ):
         ing.ingest_paths([f], {"event_id": "nope"})
     assert count(db) == 0
+
+
+def test_dedupe_window_follows_the_batch_time_range(db, settings):
+    ing = Ingestor(db, settings)
+    ing.append(
+        normalize_records([ev(1, timestamp="2026-02-10T10:00:00Z")], settings=settings, source="x")
+    )
+    retry = ev(1, timestamp="2026-02-10T10:00:03Z")  # same event, clock-corrected timestamp
+    assert ing.append(normalize_records([retry], settings=settings, source="x")).duplicate == 1
+    far = ev(1, timestamp="2026-02-20T10:00:00Z")  # id reused 10 days later: outside 24 h
+    assert ing.append(normalize_records([far], settings=settings, source="x")).accepted == 1
+    whole = settings.model_copy(
+        update={"ingest": settings.ingest.model_copy(update={"dedupe_margin_hours": None})}
+    )
+    again = ev(1, timestamp="2026-01-01T00:00:00Z")
+    assert (
+        Ingestor(db, whole).append(normalize_records([again], settings=whole, source="x")).duplicate
+        == 1
+    )

@@ -75,6 +75,10 @@ class IngestConfig(_Section):
     #: Column mapping for event files whose shape is not the spec's: canonical field ->
     #: column / key in the files, e.g. {user_id = "uid", timestamp = "ts"} (`--map` wins).
     column_map: dict[str, str] = Field(default_factory=dict)
+    #: Dedupe on event_id looks at stored events whose timestamp lies within this many hours
+    #: of the batch's time range (a re-sent event keeps its timestamp, give or take clock
+    #: correction), so DuckDB skips the other row groups; None checks the whole table.
+    dedupe_margin_hours: int | None = Field(default=24, ge=0)
 
 
 class WindowsConfig(_Section):
