@@ -45,6 +45,14 @@ def test_online_experiment_runs_through_the_real_stack(tmp_path) -> None:
         assert clicks == result.counts["clicks"]
         fb = db.scalar("SELECT COUNT(*) FROM ml.recommendation_feedback")
         assert fb == db.scalar("SELECT COUNT(*) FROM ml.recommendation_log")
+        # churn during the run reached the workspaces table (as a CDC feed would)
+        history_end_us = cfg.history_days * 86_400_000_000
+        expected = sum(int((sim.ws_churn_ts >= history_end_us).sum()) for sim in exp.ws.sims)
+        got = db.scalar(
+            "SELECT COUNT(*) FROM workspaces WHERE churned_at >= $t",
+            {"t": exp._dt(history_end_us)},
+        )
+        assert got == expected
         # the day's simulated events went through the Ingestor
         assert db.scalar("SELECT COUNT(*) FROM ingest_batches WHERE source = 'simulate'") >= 1
 

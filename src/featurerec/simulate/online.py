@@ -511,7 +511,47 @@ class OnlineExperiment:
             self.counts["events_ingested"] += int(rep.accepted)
         self._insert_log(self._log_buffer, self._fb_buffer)
         self._log_buffer, self._fb_buffer = [], []
+        self._sync_churn()
         self._time("ingest_daily", t0)
+
+    def _sync_churn(self) -> None:
+        """Workspaces that churned since the last sync get ``churned_at`` in the warehouse, as
+        the product database's change feed would deliver it (full rows through the
+        Ingestor's ``upsert_rows``)."""
+        from featurerec.simulate.ids import workspace_ids
+
+        idx, when = [], []
+        for sim in self.ws.sims:
+            local = np.flatnonzero(sim.ws_churn_ts >= 0)
+            idx.extend((sim.w0 + local).tolist())
+            when.extend(sim.ws_churn_ts[local].tolist())
+        if not idx:
+            return
+        ids = workspace_ids(np.asarray(idx)).to_pylist()
+        churned = {w: self._dt(int(t)) for w, t in zip(ids, when, strict=True)}
+        name = "_online_churn_ids"
+        self.engine.register_arrow(name, pa.table({"workspace_id": pa.array(ids, pa.string())}))
+        try:
+            current = self.engine.query_arrow(
+                f"SELECT w.* FROM workspaces w JOIN {name} c USING (workspace_id) "
+                "WHERE w.churned_at IS NULL"
+            )
+        finally:
+            self.engine.unregister(name)
+        if current.num_rows == 0:
+            return
+        wid = current.column("workspace_id").to_pylist()
+        col = current.schema.get_field_index("churned_at")
+        current = current.set_column(
+            col, "churned_at", pa.array([churned[w] for w in wid], pa.timestamp("us"))
+        )
+        upd = current.schema.get_field_index("updated_at")
+        now = self._dt(self.day * DAY_US)
+        current = current.set_column(
+            upd, "updated_at", pa.array([now] * len(wid), pa.timestamp("us"))
+        )
+        self.ingestor.upsert_rows("workspaces", current)
+        self.counts["workspaces_churned"] = self.counts.get("workspaces_churned", 0) + len(wid)
 
     def _logging_context(self, svc: Any, req: Any) -> tuple[Any, np.ndarray]:
         """The user state and the eligibility mask the logging policy sees (for OPE)."""
