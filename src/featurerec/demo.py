@@ -1,8 +1,7 @@
 """``featurerec demo``: the whole loop on a generated CloudFlow world, one command.
 
 Every step runs the same ``featurerec`` sub-command a user would type, so the demo shows the
-real commands and doubles as an end-to-end check. Steps whose command is not available in
-this build are reported as skipped, never faked.
+real commands and doubles as an end-to-end check; a failing step stops the demo.
 """
 
 from __future__ import annotations
@@ -20,31 +19,22 @@ from typing import Annotated, Any
 
 import typer
 
-from featurerec.cli_common import console, fail
+from featurerec.cli_common import console, fail, to_json
 
 DEMO_USERS = 5000
 DEMO_DAYS = 60
 DEMO_SEED = 0
+ONLINE_USERS = 3000
 
 
 @dataclass
 class Step:
     title: str
     args: list[str]
-    #: Skip the step (reported) when this sub-command is missing from the CLI.
-    needs: str
 
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "featurerec", *args]
-
-
-def _has_command(path: str) -> bool:
-    """True when ``featurerec <path...> --help`` exists (a sub-command not built yet is skipped)."""
-    proc = subprocess.run(
-        _cli(*path.split(), "--help"), capture_output=True, text=True, check=False
-    )
-    return proc.returncode == 0
 
 
 def _run(step: Step, env: dict[str, str]) -> float:
@@ -72,7 +62,7 @@ def _free_port() -> int:
 def _serve_and_sample(data_flags: list[str], env: dict[str, str], once: bool) -> None:
     import httpx
 
-    console.rule("[bold]Serve /api/v1/recommendations")
+    console.rule("[bold]10. Serve /api/v1/recommendations (spec Stage 6) and send feedback")
     port = _free_port()
     args = [*data_flags, "serve", "--host", "127.0.0.1", "--port", str(port)]
     console.print(f"[dim]$ featurerec {' '.join(args)}[/dim]")
@@ -92,11 +82,19 @@ def _serve_and_sample(data_flags: list[str], env: dict[str, str], once: bool) ->
         else:
             fail("server did not become ready within 60 s")
         users = _sample_users(data_flags, env)
-        for user_id, placement in users:
-            url = f"{base}/api/v1/recommendations?user_id={user_id}&placement={placement}"
+        first_id = None
+        for query, placement in users:
+            url = f"{base}/api/v1/recommendations?{query}&placement={placement}"
             console.print(f"[dim]$ curl '{url}'[/dim]")
             resp = httpx.get(url, timeout=10)
             console.print_json(resp.text)
+            recs = resp.json().get("recommendations", [])
+            if first_id is None and recs:
+                first_id = recs[0]["recommendation_id"]
+        if first_id is not None:
+            body = {"recommendation_id": first_id, "kind": "click"}
+            console.print(f"[dim]$ curl -X POST {base}/api/v1/feedback -d '{to_json(body)}'[/dim]")
+            console.print_json(httpx.post(f"{base}/api/v1/feedback", json=body, timeout=10).text)
         if once:
             return
         console.print(
@@ -116,7 +114,8 @@ def _serve_and_sample(data_flags: list[str], env: dict[str, str], once: bool) ->
 
 
 def _sample_users(data_flags: list[str], env: dict[str, str]) -> list[tuple[str, str]]:
-    """One warm user from the warehouse and one unknown (cold-start) user."""
+    """A warm user who uses a few features (so there is something left to recommend), and
+    an unknown visitor described only by the request's context (cold start)."""
     import orjson
 
     proc = subprocess.run(
@@ -124,8 +123,8 @@ def _sample_users(data_flags: list[str], env: dict[str, str]) -> list[tuple[str,
             *data_flags,
             "sql",
             "--json",
-            "SELECT user_id FROM ml.user_feature_interactions "
-            "GROUP BY user_id ORDER BY COUNT(*) DESC, user_id LIMIT 1",
+            "SELECT user_id FROM ml.user_feature_interactions GROUP BY user_id "
+            "HAVING COUNT(*) BETWEEN 2 AND 4 ORDER BY SUM(use_count) DESC, user_id LIMIT 1",
         ),
         env=env,
         capture_output=True,
@@ -138,8 +137,13 @@ def _sample_users(data_flags: list[str], env: dict[str, str]) -> list[tuple[str,
         if isinstance(rows, dict):
             rows = rows.get("rows", [])
         if rows:
-            users.append((str(rows[0]["user_id"]), "in_context_tooltip"))
-    users.append(("usr_new_visitor", "onboarding_wizard"))
+            users.append((f"user_id={rows[0]['user_id']}", "in_context_tooltip"))
+    users.append(
+        (
+            "user_id=usr_new_visitor&role=project_manager&plan=business&team_size=12",
+            "onboarding_wizard",
+        )
+    )
     return users
 
 
@@ -161,7 +165,8 @@ def demo(
     fresh: Annotated[bool, typer.Option(help="Delete the demo folder first.")] = False,
 ) -> None:
     """Run the whole loop on a generated CloudFlow world: simulate, ingest, discover,
-    train and promote, evaluate, serve and request."""
+    train and promote, evaluate, run a simulated online experiment, monitor, analyse,
+    then serve and send sample requests and a click."""
     if fresh and dir.exists():
         shutil.rmtree(dir)
     dir.mkdir(parents=True, exist_ok=True)
@@ -169,57 +174,46 @@ def demo(
     data = dir / "data"
     config = Path(__file__).parent / "configs" / "featurerec.demo.toml"
     data_flags = ["--config", str(config), "--data-dir", str(data)]
+    online = dir / "online"
+    online_flags = ["--config", str(config), "--data-dir", str(online / "data")]
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-    steps: list[Step] = []
-    if not (world / "manifest.json").exists():
-        steps.append(
-            Step(
-                "1. Simulate a CloudFlow world",
-                [
-                    "simulate",
-                    "--users",
-                    str(users),
-                    "--days",
-                    str(days),
-                    "--seed",
-                    str(seed),
-                    "--out",
-                    str(world),
-                ],
-                "simulate",
-            )
-        )
-    steps += [
-        Step("2. Ingest events and product tables", [*data_flags, "ingest", str(world)], "ingest"),
-        Step(
-            "3. Discovery (spec Stage 2)", [*data_flags, "report", "discovery"], "report discovery"
-        ),
+    sim = ["simulate", "--users", str(users), "--days", str(days), "--seed", str(seed)]
+    steps = [
+        Step("1. Simulate a CloudFlow world", [*sim, "--out", str(world)]),
+        Step("2. Ingest events and product tables", [*data_flags, "ingest", str(world)]),
+        Step("3. Discovery (spec Stage 2)", [*data_flags, "report", "discovery"]),
         Step(
             "4. Daily training pipeline (spec Stage 4)",
             [*data_flags, "pipeline", "run", "--spec", "builtin:pipeline.demo.json"],
-            "pipeline run",
         ),
-        Step("5. Offline evaluation", [*data_flags, "evaluate", "--world", str(world)], "evaluate"),
+        Step("5. Offline evaluation", [*data_flags, "evaluate", "--world", str(world)]),
+        Step(
+            "6. Simulated online experiment (spec Stage 8): 4 strategies, 1 week, "
+            f"{ONLINE_USERS:,} users through the real serving, ingestion and pipeline code",
+            [
+                *data_flags,
+                *("simulate", "experiment", "rec-personalization-strategy"),
+                *("--users", str(ONLINE_USERS), "--weeks", "1", "--warmup-days", "7"),
+                *("--seed", str(seed), "--out", str(online)),
+            ],
+        ),
+        Step(
+            "7. Monitoring on the experiment's recommendation log (spec Stage 7)",
+            [*online_flags, "monitor", "--no-alerts"],
+        ),
+        Step("8. Popularity bias (spec Stage 5)", [*online_flags, "report", "bias"]),
+        Step("9. Cold start vs random (spec Stage 5)", [*online_flags, "report", "cold-start"]),
     ]
+    if (world / "manifest.json").exists():
+        steps = steps[1:]  # the same seed would write the same world again
+    if online.exists():
+        shutil.rmtree(online)  # the experiment starts from its own fresh world
     t0 = time.perf_counter()
-    skipped = []
     for step in steps:
-        if not _has_command(step.needs):
-            skipped.append(step.title)
-            console.print(
-                f"[yellow]skipped[/yellow] {step.title}: "
-                f"`featurerec {step.needs}` is not in this build"
-            )
-            continue
         _run(step, env)
-    if _has_command("serve"):
-        _serve_and_sample(data_flags, env, once)
-    else:
-        skipped.append("serve")
+    _serve_and_sample(data_flags, env, once)
     console.rule()
     console.print(f"demo finished in {time.perf_counter() - t0:.0f}s; data in {data}")
-    if skipped:
-        console.print(f"[yellow]not yet built:[/yellow] {', '.join(skipped)}")
 
 
 def register(app: typer.Typer, groups: Any) -> None:

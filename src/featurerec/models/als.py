@@ -77,15 +77,19 @@ class ALSScorer:
         from implicit.cpu.als import AlternatingLeastSquares
 
         p = self.params
-        return AlternatingLeastSquares(
-            factors=p.factors,
-            regularization=p.regularization,
-            alpha=1.0,
-            iterations=p.iterations,
-            random_state=self.seed,
-            num_threads=self.num_threads,
-            use_cg=True,
-        )
+        # implicit warns at construction when any BLAS (faiss bundles its own OpenBLAS,
+        # which ignores OPENBLAS_NUM_THREADS) has a thread pool; every call into it from
+        # here runs under this same one-thread limit.
+        with threadpool_limits(1, "blas"):
+            return AlternatingLeastSquares(
+                factors=p.factors,
+                regularization=p.regularization,
+                alpha=1.0,
+                iterations=p.iterations,
+                random_state=self.seed,
+                num_threads=self.num_threads,
+                use_cg=True,
+            )
 
     def fit(self, data: TrainingData) -> Self:
         if not data.features:
@@ -123,7 +127,8 @@ class ALSScorer:
         if len(users) <= self.small_batch:
             f = self._solve_small(conf)
         else:
-            f = self.model.recalculate_user(np.arange(len(users)), conf)  # type: ignore[attr-defined]
+            with threadpool_limits(1, "blas"):
+                f = self.model.recalculate_user(np.arange(len(users)), conf)  # type: ignore[attr-defined]
         f = np.asarray(f, dtype=np.float32).reshape(len(users), -1)
         f[np.diff(m.indptr) == 0] = 0.0
         return f
