@@ -165,7 +165,7 @@ def test_group_commit_writes_every_line_once_with_fewer_syncs(tmp_path: Path) ->
 
     from featurerec.serving.reclog import DurableLog
 
-    log = DurableLog(tmp_path, RECLOG_PREFIX, fsync=True)
+    log = DurableLog(tmp_path, RECLOG_PREFIX, fsync=True, inline_below_ms=0.0)  # threaded path
 
     async def main() -> None:
         await asyncio.gather(
