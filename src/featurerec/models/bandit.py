@@ -67,6 +67,11 @@ class BanditParams:
     prior_precision: float = 1.0
     #: How strongly each arm's weights are shrunk toward the weights shared by all arms.
     arm_precision: float = 500.0
+    #: Per-arm shrinkage once the bandit learns from logged recommendation feedback (the
+    #: warm start's ``arm_precision`` is cross-validated for organic adoption, another
+    #: target; logged feedback has thousands of rows per arm, and per-feature response
+    #: rates differ several-fold, so the arms must be free to differ).
+    feedback_arm_precision: float = 50.0
     #: Ridge precision of the prior on the one-hot context coordinates.
     context_precision: float = 30.0
     #: Number of upstream signals per candidate (s_1 .. s_m).
@@ -97,6 +102,10 @@ class BanditParams:
             )
         if self.arm_precision <= 0:
             raise ModelError(f"bandit: arm_precision must be > 0 (got {self.arm_precision})")
+        if self.feedback_arm_precision <= 0:
+            raise ModelError(
+                f"bandit: feedback_arm_precision must be > 0 (got {self.feedback_arm_precision})"
+            )
         if self.max_ipw < 1:
             raise ModelError(f"bandit: max_ipw must be >= 1 (got {self.max_ipw})")
 

@@ -131,6 +131,11 @@ def als_matrix_factorization(ctx: StageContext) -> StageResult:
 #: Days after which a logged recommendation's reward is final (its window has closed).
 REWARD_WINDOW_DAYS = {"adopted_7d": 7, "clicked": 1}
 
+#: Default bandit reward. ``clicked`` is caused by the recommendation; ``adopted_7d`` from
+#: attribution also counts first uses that would have happened without it (organic
+#: adoption of visible features), which teaches the ranker to show what users find anyway.
+DEFAULT_REWARD = "clicked"
+
 
 def _feedback_rows(ctx: StageContext, reward: str) -> list[dict[str, Any]]:
     """Logged feedback whose reward window has closed by the as-of time (a recommendation
@@ -154,45 +159,64 @@ def apply_feedback(
     bundle: ModelBundle,
     data: TrainingData,
     rows: list[dict[str, Any]],
-    reward: str = "adopted_7d",
+    reward: str = DEFAULT_REWARD,
 ) -> dict[str, int]:
-    """IPW updates of the bandits from logged feedback rows: one update batch per bandit
-    and day of serving, in time order (so exploration decays by ``decay_factor`` once per
-    day of feedback, as the spec's per-batch decay intends, even though the ranker is
-    retrained from scratch every day).
+    """IPW updates of the bandits from logged feedback rows.
 
-    Rows are routed by their strategy (or experiment variant) name; rows of strategies
-    without a bandit teach the hybrid bandit (the production ranker). The upstream input is
-    the logged score (the candidate-stage score is not logged separately)."""
-    if reward not in ("adopted_7d", "clicked"):
-        raise ModelError(f"bandit reward must be adopted_7d or clicked (got {reward!r})")
-    by: dict[tuple[str, Any], list[dict[str, Any]]] = {}
-    for r in rows:
-        name = r.get("strategy") or r.get("variant") or "hybrid"
-        name = name if name in BANDIT_STRATEGIES else "hybrid"
-        when = r.get("generated_at")
-        day = when.date() if isinstance(when, datetime) else None
-        by.setdefault((name, day), []).append(r)
-    out: dict[str, int] = {}
-    for (name, _day), batch in sorted(
-        by.items(), key=lambda kv: (kv[0][1] is None, str(kv[0][1]), kv[0][0])
-    ):
-        bandit = bundle.bandits.get(name)
-        if bandit is None or not batch:
-            continue
-        uids = [str(r["user_id"]) for r in batch]
-        states = data.user_states(uids)
-        items = bundle.space.ids([str(r["recommended_feature"]) for r in batch])
-        logged = np.array([float(r.get("score") or 0.0) for r in batch])
-        ctx = bundle.calibrated("context", bundle.context.score(states))
-        ctx_item = np.where(items >= 0, ctx[np.arange(len(batch)), np.maximum(items, 0)], 0.0)
-        upstream = np.stack([logged, ctx_item], axis=1)
-        rew = np.array([float(r.get(reward) or 0) for r in batch])
-        prop = np.array(
-            [np.nan if r.get("propensity") is None else float(r["propensity"]) for r in batch]
+    Every bandit learns from every logged row, whichever policy showed it: the reward of
+    showing feature ``f`` to user ``u`` does not depend on the policy, and the logged
+    propensity corrects for how often that policy shows ``f``. Once a bandit has feedback,
+    its organic warm start (a model of *organic next adoption*, which is not the response
+    to a recommendation: visible, high-utility features are adopted without help) is
+    dropped and it learns the recommendation reward from the logged rows alone, with
+    ``BanditParams.feedback_arm_precision`` as the per-arm shrinkage (the warm start's
+    cross-validated value was chosen for the other target).
+
+    One update batch per day of serving, in time order (exploration decays by
+    ``decay_factor`` once per day of feedback, as the spec's per-batch decay intends). The
+    upstream input is the bandit's own strategy's candidate-stage score of the shown
+    feature, recomputed with the current models (the logged score is the ranker's output,
+    a different quantity from what the ranker sees at serving time)."""
+    if reward not in REWARD_WINDOW_DAYS:
+        raise ModelError(
+            f"bandit reward must be one of {', '.join(REWARD_WINDOW_DAYS)} (got {reward!r})"
         )
-        bandit.update(states, items, upstream, rew, prop)
-        out[name] = out.get(name, 0) + len(batch)
+    out: dict[str, int] = {}
+    if not rows:
+        return out
+    uids = [str(r["user_id"]) for r in rows]
+    uniq, inverse = np.unique(np.asarray(uids, dtype=object), return_inverse=True)
+    states = data.user_states([str(u) for u in uniq])
+    items = bundle.space.ids([str(r["recommended_feature"]) for r in rows])
+    safe = np.maximum(items, 0)
+    ctx_u = bundle.calibrated("context", bundle.context.score(states))
+    ctx_item = np.where(items >= 0, ctx_u[inverse, safe], 0.0)
+    rew = np.array([float(r.get(reward) or 0) for r in rows])
+    prop = np.array(
+        [np.nan if r.get("propensity") is None else float(r["propensity"]) for r in rows]
+    )
+    days = np.array(
+        [str(w.date()) if isinstance(w := r.get("generated_at"), datetime) else "" for r in rows],
+        dtype=object,
+    )
+    row_states = [states[i] for i in inverse]
+    for name in BANDIT_STRATEGIES:
+        bandit = bundle.bandits.get(name)
+        if bandit is None:
+            continue
+        full = bundle.strategy(name).full_scores(states)
+        up_item = np.where(items >= 0, full[inverse, safe], 0.0)
+        upstream = np.stack([up_item, ctx_item], axis=1)
+        bandit.G = np.zeros_like(bandit.G)
+        bandit.h = np.zeros_like(bandit.h)
+        bandit.observations = 0
+        bandit.with_arm_precision(bandit.params.feedback_arm_precision)
+        for day in sorted(set(days.tolist())):
+            sel = np.nonzero(days == day)[0]
+            bandit.update(
+                [row_states[i] for i in sel], items[sel], upstream[sel], rew[sel], prop[sel]
+            )
+        out[name] = len(rows)
     return out
 
 
@@ -203,7 +227,7 @@ def contextual_bandit(ctx: StageContext) -> StageResult:
     data = _data(ctx)
     cfg = _train_config(ctx)
     bundle, report = train_bundle(data, cfg, ctx.progress)
-    reward = str(ctx.params.get("reward", "adopted_7d"))
+    reward = str(ctx.params.get("reward", DEFAULT_REWARD))
     rows = _feedback_rows(ctx, reward)
     fed = apply_feedback(bundle, data, rows, reward)
     bundle.save_ranker(ctx.work_dir)
