@@ -25,9 +25,11 @@ handful of positives); fully separate per-arm models overfit it, measured on a h
 of the validation users (ndcg@5 0.86 in-sample vs 0.70 held out); sharing with ``arm_precision`` 500 brought
 the held-out figure back to the level of its inputs.
 
-Training data is weighted by inverse propensity (``1 / max(propensity, 1/max_ipw)``) when
-it comes from logged recommendations (``ml.recommendation_feedback``), which corrects for
-the logging policy showing some features more than others. ``update`` takes one batch
+Training data is weighted by inverse propensity (``1 / max(propensity, 1/max_ipw)``, clipped
+at ``max_ipw`` = 2, see there) when it comes from logged recommendations
+(``ml.recommendation_feedback``), which corrects for the logging policy showing some features
+more than others. Once a bandit has logged feedback it learns the recommendation reward
+(default: click) from that alone (:func:`featurerec.models.training.apply_feedback`). ``update`` takes one batch
 (river-style ``learn_many``); each batch decays the exploration rate by ``decay_factor``
 (spec: 0.1, 0.995). Exploration itself is the epsilon-greedy slate policy of
 :mod:`featurerec.models.ranking`, whose propensities are exact; an optional UCB bonus
@@ -79,8 +81,12 @@ class BanditParams:
     #: Adopted-feature indicators in x only for catalogs up to this size (0 = never).
     item_context_max_items: int = 0
     ucb_alpha: float = 0.0
-    #: Cap on inverse-propensity weights (clipped IPS).
-    max_ipw: float = 20.0
+    #: Cap on inverse-propensity weights (clipped IPS). Low on purpose: the reward model
+    #: is a regression on x, which holds the inputs the logging policy ranked by, so the
+    #: weights only correct misspecification; with a cap of 20 their variance cost more
+    #: than they corrected (36k-user online world, feedback of a 12k-user run: greedy
+    #: top-3 E[click] 0.035 with cap 20, 0.039 with 5, 0.040 with 2 or unweighted).
+    max_ipw: float = 2.0
     #: Minimum exploration after decay.
     min_exploration: float = 0.0
     cold_start_max_events: int = 5

@@ -189,8 +189,7 @@ def apply_feedback(
     states = data.user_states([str(u) for u in uniq])
     items = bundle.space.ids([str(r["recommended_feature"]) for r in rows])
     safe = np.maximum(items, 0)
-    ctx_u = bundle.calibrated("context", bundle.context.score(states))
-    ctx_item = np.where(items >= 0, ctx_u[inverse, safe], 0.0)
+    all_items = np.broadcast_to(np.arange(bundle.n_items), (len(states), bundle.n_items))
     rew = np.array([float(r.get(reward) or 0) for r in rows])
     prop = np.array(
         [np.nan if r.get("propensity") is None else float(r["propensity"]) for r in rows]
@@ -204,9 +203,11 @@ def apply_feedback(
         bandit = bundle.bandits.get(name)
         if bandit is None:
             continue
-        full = bundle.strategy(name).full_scores(states)
-        up_item = np.where(items >= 0, full[inverse, safe], 0.0)
-        upstream = np.stack([up_item, ctx_item], axis=1)
+        strat = bundle.strategy(name)
+        cache = strat.cache(states)
+        # the bandit's inputs exactly as serving builds them, for every (user, item)
+        sig = strat.signals(states, all_items, strat.full_scores(states, cache), cache=cache)
+        upstream = np.where((items >= 0)[:, None], sig[inverse, safe], 0.0)
         bandit.G = np.zeros_like(bandit.G)
         bandit.h = np.zeros_like(bandit.h)
         bandit.observations = 0
