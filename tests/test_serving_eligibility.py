@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -75,11 +77,20 @@ def test_exclude_mask_never_lets_an_ineligible_feature_through(
     exclude, n = policy.exclude_mask(user, np.array(adopted), exposure, NOW, k)
     eligible = np.flatnonzero(~exclude)
     assert n == min(k, len(eligible))
+    known = {p for fl in flags for p in fl.plans or ()} | {
+        p for ps in plans_cfg.values() for p in ps
+    }
+
+    def on_plan(plans) -> bool:
+        # a user's plan must be listed; an unknown plan only passes lists naming every plan
+        return plans is None or (user.plan in plans if user.plan else known <= set(plans))
+
     for j in eligible:
         f = FEATURES[j]
         assert not adopted[j]
-        assert all(flag_allows(fl, user) for fl in flags if fl.feature == f)
-        assert f not in plans_cfg or user.plan in plans_cfg[f]
+        for fl in (fl for fl in flags if fl.feature == f):
+            assert flag_allows(replace(fl, plans=None), user) and on_plan(fl.plans)
+        assert f not in plans_cfg or on_plan(plans_cfg[f])
         d = dismissed_days_ago[j]
         assert d is None or cooldown == 0 or d >= cooldown
         assert shown[j] < cap
@@ -91,6 +102,27 @@ def test_exclude_mask_never_lets_an_ineligible_feature_through(
     if n and t:
         after = (u + n - repeats) / (t + n)
         assert after >= target - 1e-9 or repeats == 0
+
+
+def test_unknown_plan_sees_only_features_on_every_plan() -> None:
+    """A cold-start visitor without context gets the features every plan has, not nothing."""
+    flags = [
+        FlagRule("a", "f0", True, 100.0, plans=("free", "pro", "business")),
+        FlagRule("b", "f1", True, 100.0, plans=("business",)),
+    ]
+    policy = EligibilityPolicy(
+        FEATURES[:3], flags, {"f2": ["pro", "business"]}, EligibilityRules(0, 3, 0.0)
+    )
+    exposure = Exposure(np.zeros(3, dtype=np.int32), np.full(3, -np.inf))
+    nobody = UserAttributes(user_id="u1", plan=None)
+    exclude, n = policy.exclude_mask(nobody, np.zeros(3, dtype=bool), exposure, NOW, 3)
+    assert exclude.tolist() == [False, True, True] and n == 1
+    free = UserAttributes(user_id="u1", plan="free")
+    exclude, _ = policy.exclude_mask(free, np.zeros(3, dtype=bool), exposure, NOW, 3)
+    assert exclude.tolist() == [False, True, True]
+    biz = UserAttributes(user_id="u1", plan="business")
+    exclude, _ = policy.exclude_mask(biz, np.zeros(3, dtype=bool), exposure, NOW, 3)
+    assert exclude.tolist() == [False, False, False]
 
 
 def test_max_repeats_formula() -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -143,22 +143,33 @@ class EligibilityPolicy:
         self.features = list(features)
         self.rules = rules
         index = {f: j for j, f in enumerate(self.features)}
+        # A visitor whose plan we do not know yet (cold start without context) may see the
+        # features available on every plan the product has; plan-limited ones stay hidden.
+        known = frozenset(p for f in flags for p in f.plans or ()) | frozenset(
+            p for ps in feature_plans.values() for p in ps or ()
+        )
         self._flags: list[tuple[int, FlagRule]] = [
             (index[f.feature], f) for f in flags if f.feature in index
+        ]
+        self._flags_unknown_plan: list[tuple[int, FlagRule]] = [
+            (j, replace(f, plans=None) if f.plans is not None and known <= set(f.plans) else f)
+            for j, f in self._flags
         ]
         self._plans: list[tuple[int, frozenset[str]]] = [
             (index[f], frozenset(p))
             for f, p in feature_plans.items()
             if p is not None and f in index
         ]
+        self._plans_unknown_plan = [(j, ps) for j, ps in self._plans if not known <= ps]
 
     def static_exclude(self, user: UserAttributes) -> np.ndarray:
         """Features this user can never see right now (flags and plan)."""
         mask = np.zeros(len(self.features), dtype=bool)
-        for j, flag in self._flags:
+        unknown_plan = user.plan is None
+        for j, flag in self._flags_unknown_plan if unknown_plan else self._flags:
             if not mask[j] and not flag_allows(flag, user):
                 mask[j] = True
-        for j, plans in self._plans:
+        for j, plans in self._plans_unknown_plan if unknown_plan else self._plans:
             if user.plan not in plans:
                 mask[j] = True
         return mask
