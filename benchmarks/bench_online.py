@@ -89,6 +89,24 @@ def main() -> int:
         "min_users_per_variant": min(users.values()),
         "response_model": result.response_model,
         "ope_inside_online_ci_share": result.ope_inside_share,
+        # like with like: the same frozen policy online (experiment days before 1st retrain)
+        "ope_inside_frozen_online_ci_share": result.ope_inside_frozen_share,
+        "ope_dr_inside_frozen_by_metric": {
+            m: sum(
+                bool(o.inside_frozen_ci)
+                for o in result.ope
+                if o.estimator == "dr" and o.metric == m and o.inside_frozen_ci is not None
+            )
+            / max(
+                1,
+                sum(
+                    1
+                    for o in result.ope
+                    if o.estimator == "dr" and o.metric == m and o.inside_frozen_ci is not None
+                ),
+            )
+            for m in by_metric_dr
+        },
         "ope_inside_by_estimator": {k: sum(x) / len(x) for k, x in by_estimator.items()},
         "ope_dr_inside_by_variant": {v: sum(x) / len(x) for v, x in by_variant.items()},
         "ope_dr_inside_by_metric": {m: sum(x) / len(x) for m, x in by_metric_dr.items()},
@@ -118,6 +136,7 @@ def main() -> int:
                     "seconds",
                     "min_users_per_variant",
                     "ope_inside_online_ci_share",
+                    "ope_inside_frozen_online_ci_share",
                     "timings",
                 )
             }

@@ -62,6 +62,10 @@ def test_online_experiment_runs_through_the_real_stack(tmp_path) -> None:
     assert set(ctr) == set(spec.variant_names)
     est = [o for o in result.ope if o.metric == "click_through_rate" and o.estimate is not None]
     assert est and all(0 <= o.estimate <= 1 for o in est)
+    # no retrain during this 2-day run: the frozen policy's window is the whole run
+    for o in est:
+        assert o.frozen_online == pytest.approx(o.online)
+        assert o.inside_frozen_ci == o.inside_online_ci
 
 
 def test_config_errors_are_named() -> None:

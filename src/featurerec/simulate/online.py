@@ -115,6 +115,13 @@ class OPEResult:
     note: str = ""
     #: the looser check: the online value lies inside the OPE interval
     online_inside_ope_ci: bool | None = None
+    #: Like with like: the online result of the recommendations served by the frozen
+    #: policy the OPE evaluated (the experiment's first days, before the first retrain);
+    #: the whole-run figures above also include later, retrained policies.
+    frozen_online: float | None = None
+    frozen_ci_low: float | None = None
+    frozen_ci_high: float | None = None
+    inside_frozen_ci: bool | None = None
 
 
 @dataclass
@@ -134,6 +141,13 @@ class OnlineResult:
     def ope_inside_share(self) -> float | None:
         checked = [o for o in self.ope if o.inside_online_ci is not None]
         return sum(bool(o.inside_online_ci) for o in checked) / len(checked) if checked else None
+
+    @property
+    def ope_inside_frozen_share(self) -> float | None:
+        """Share of OPE estimates inside the 95% interval of the online result of the same
+        frozen policy (the experiment's days before the first retrain)."""
+        checked = [o for o in self.ope if o.inside_frozen_ci is not None]
+        return sum(bool(o.inside_frozen_ci) for o in checked) / len(checked) if checked else None
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -740,6 +754,19 @@ class OnlineExperiment:
         days = math.ceil((end - self.experiment_start).total_seconds() / 86400)
         cs = cold_start(self.engine, self.settings, as_of=end, days=days)
         by_variant = {s.name: s for s in report.variants}
+        # the policy the OPE evaluated serves until the first retrain: its own online result
+        frozen_end = min(
+            end,
+            self.experiment_start
+            + timedelta(days=self.cfg.retrain_every_days)
+            - timedelta(microseconds=1),
+        )
+        frozen = {
+            s.name: s
+            for s in experiment_report(
+                self.engine, self.spec, as_of=frozen_end, seed=self.cfg.seed
+            ).variants
+        }
         ope: list[OPEResult] = []
         for o in ope_before:
             if "skip" in o:
@@ -758,10 +785,21 @@ class OnlineExperiment:
                 reverse = (
                     None if online.value is None else bool(e.ci_low <= online.value <= e.ci_high)
                 )
+                fv = frozen.get(o["variant"])
+                fm = fv.metrics[o["metric"]] if fv is not None else None
+                inside_frozen = (
+                    None
+                    if fm is None or fm.ci_low is None
+                    else bool(fm.ci_low <= e.value <= fm.ci_high)
+                )
                 ope.append(
                     OPEResult(o["variant"], o["strategy"], o["metric"], name, e.value, e.ci_low,
                               e.ci_high, online.value, online.ci_low, online.ci_high, inside,
-                              o["n"], online_inside_ope_ci=reverse)
+                              o["n"], online_inside_ope_ci=reverse,
+                              frozen_online=None if fm is None else fm.value,
+                              frozen_ci_low=None if fm is None else fm.ci_low,
+                              frozen_ci_high=None if fm is None else fm.ci_high,
+                              inside_frozen_ci=inside_frozen)
                 )  # fmt: skip
         for v in report.variants:
             if v.users == 0:
@@ -888,6 +926,13 @@ def result_tables(result: OnlineResult) -> dict[str, list[dict[str, Any]]]:
             "online inside OPE CI": ""
             if o.online_inside_ope_ci is None
             else ("yes" if o.online_inside_ope_ci else "no"),
+            "online (frozen policy)": o.frozen_online,
+            "frozen 95% CI": ""
+            if o.frozen_ci_low is None
+            else f"[{o.frozen_ci_low:.3f}, {o.frozen_ci_high:.3f}]",
+            "OPE inside frozen CI": ""
+            if o.inside_frozen_ci is None
+            else ("yes" if o.inside_frozen_ci else "no"),
             "note": o.note,
         }
         for o in result.ope
