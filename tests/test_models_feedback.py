@@ -3,6 +3,7 @@ known rewards): the greedy ranking moves toward the better-rewarded feature, per
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -129,3 +130,38 @@ def test_apply_feedback_without_rows_keeps_the_warm_start(data: TrainingData) ->
     theta = bundle.bandits["hybrid"].theta.copy()
     assert apply_feedback(bundle, data, [], "clicked") == {}
     np.testing.assert_array_equal(bundle.bandits["hybrid"].theta, theta)
+
+
+def test_feedback_is_learned_in_the_segment_the_user_was_in_when_served(
+    data: TrainingData,
+) -> None:
+    """Users warm by now but cold when served: their rows teach the cold segment."""
+    bundle = _bundle(data)
+    states = data.user_states(data.users)
+    unused = ~adopted_mask(states, bundle.space)
+    a, b = (int(i) for i in np.argsort(-unused.sum(axis=0))[:2])
+    served_cold = np.random.default_rng(3).random(len(data.users)) < 0.5
+
+    def prob(u: int, f: int) -> float:
+        if f == a:
+            return 0.4 if served_cold[u] else 0.01
+        if f == b:
+            return 0.01 if served_cold[u] else 0.4
+        return 0.02
+
+    rows = _log(bundle, data, prob, n=8000, seed=2)
+    index = {u: i for i, u in enumerate(data.users)}
+    for r in rows:
+        r["events_before"] = 0 if served_cold[index[r["user_id"]]] else 60
+    apply_feedback(bundle, data, rows, "clicked")
+    both = unused[:, a] & unused[:, b]
+    rows_ = np.nonzero(both)[0]
+    assert len(rows_) >= 20
+    picked = [data.users[i] for i in rows_]
+    cold_now = [replace(s, event_count=0) for s in data.user_states(picked)]
+    active_now = [replace(s, event_count=60) for s in data.user_states(picked)]
+    strat = bundle.strategy("hybrid")
+    top_cold = strat.recommend(cold_now, k=3, explore=False).ids[:, 0]
+    top_active = strat.recommend(active_now, k=3, explore=False).ids[:, 0]
+    assert (top_cold == a).mean() > 0.8
+    assert (top_active == b).mean() > 0.8

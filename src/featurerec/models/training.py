@@ -143,13 +143,28 @@ def _feedback_rows(ctx: StageContext, reward: str) -> list[dict[str, Any]]:
     if not ctx.engine.table_exists(FEEDBACK_TABLE):
         return []
     closed = ctx.as_of - timedelta(days=REWARD_WINDOW_DAYS.get(reward, 7))
+    fb = f"""SELECT recommendation_id, user_id, recommended_feature, score, propensity,
+                    strategy, variant, clicked, adopted_7d, generated_at
+             FROM {FEEDBACK_TABLE}
+             WHERE generated_at <= $closed AND recommended_feature IS NOT NULL"""
+    if not ctx.engine.table_exists("events"):
+        return list(ctx.engine.query_rows(f"{fb} ORDER BY generated_at, recommendation_id",
+                                          {"closed": closed}))  # fmt: skip
+    # the user's feature_used events before the recommendation: the segment (cold / warm /
+    # active) the ranker saw when serving it, not the one the user is in by now
     return list(
         ctx.engine.query_rows(
-            f"""SELECT user_id, recommended_feature, score, propensity, strategy, variant,
-                       clicked, adopted_7d, generated_at
-                FROM {FEEDBACK_TABLE}
-                WHERE generated_at <= $closed AND recommended_feature IS NOT NULL
-                ORDER BY generated_at, recommendation_id""",
+            f"""WITH fb AS ({fb}),
+                n AS (
+                    SELECT fb.recommendation_id, COUNT(e.user_id) AS events_before
+                    FROM fb LEFT JOIN events e
+                      ON e.user_id = fb.user_id AND e.event_type = 'feature_used'
+                     AND e.timestamp < fb.generated_at
+                    GROUP BY fb.recommendation_id
+                )
+                SELECT fb.*, n.events_before
+                FROM fb JOIN n ON n.recommendation_id = fb.recommendation_id
+                ORDER BY fb.generated_at, fb.recommendation_id""",
             {"closed": closed},
         )
     )
@@ -184,9 +199,22 @@ def apply_feedback(
     out: dict[str, int] = {}
     if not rows:
         return out
-    uids = [str(r["user_id"]) for r in rows]
-    uniq, inverse = np.unique(np.asarray(uids, dtype=object), return_inverse=True)
-    states = data.user_states([str(u) for u in uniq])
+    # one state per (user, events before the recommendation): rows carrying
+    # ``events_before`` are learned in the segment the user was in when served (a user
+    # cold then is usually warm by the retrain); 50+ is one segment (active)
+    keys: list[tuple[str, int]] = [
+        (
+            str(r["user_id"]),
+            -1 if r.get("events_before") is None else min(int(r["events_before"]), 50),
+        )
+        for r in rows
+    ]
+    uniq = sorted(set(keys))
+    pos = {k: i for i, k in enumerate(uniq)}
+    inverse = np.array([pos[k] for k in keys], dtype=np.int64)
+    user_ids = sorted({u for u, _ in uniq})
+    now = dict(zip(user_ids, data.user_states(user_ids), strict=True))
+    states = [now[u] if e < 0 else replace(now[u], event_count=e) for u, e in uniq]
     items = bundle.space.ids([str(r["recommended_feature"]) for r in rows])
     safe = np.maximum(items, 0)
     all_items = np.broadcast_to(np.arange(bundle.n_items), (len(states), bundle.n_items))
