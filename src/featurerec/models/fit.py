@@ -11,8 +11,10 @@ Steps (all seeded, all from the same data, no SQL):
 4. Bandit warm start: the upstream models are fitted on the pre data, and each bandit
    (hybrid, sequence_aware) learns from the organic adoptions of the validation window
    (reward 1 if the candidate was adopted, propensity 1: no logging policy involved).
-   Logged recommendation feedback, when it exists, is added later with IPW
-   (:func:`featurerec.models.training.contextual_bandit`).
+   Logged recommendation feedback, when it exists, replaces this warm start: the bandit then
+   learns the recommendation reward (default: click) from the logged rows with clipped IPW
+   (:func:`featurerec.models.training.apply_feedback`), because organic next adoption is
+   driven by visibility and misses features users respond to when shown.
 5. Every upstream model is refitted on the full data; the bandits keep what they learned
    (their inputs are percentiles, so they transfer between the two fits).
 """

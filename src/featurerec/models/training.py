@@ -6,8 +6,8 @@ stage (spec name)          artifact in ``ctx.work_dir``      notes
 als_matrix_factorization   ALS item factors + calibrator     hyperparameter search on a
                                                              validation window (``search``: false
                                                              uses the given hyperparameters)
-contextual_bandit          ranker: bandits + context,        warm start from organic adoptions;
-                           sequence, popularity models       then IPW updates from
+contextual_bandit          ranker: bandits + context,        warm start from organic adoptions,
+                           sequence, popularity models       replaced by clicks (IPW) from
                                                              ml.recommendation_feedback
 sequence_transitions       transition model                  from ml.feature_transition_probs
 context_model              context model                     adoption by role / team / plan / industry
