@@ -170,3 +170,31 @@ def test_validation_split_uses_transitions_from_before_its_cut(warehouse: DuckDB
     # another validation length does not reuse them
     other = validation_split(d, 3)
     assert other is not None and other.pre.transitions == d.transitions
+
+
+def test_als_search_fits_every_setting_on_one_seeded_user_sample(
+    warehouse: DuckDBEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from featurerec.models import fit as fit_mod
+    from featurerec.models.als import ALSParams, ALSScorer
+
+    d = load_training_data(warehouse, SETTINGS, validation_days=7)
+    split = fit_mod.validation_split(d, 7)
+    assert split is not None
+    fitted: list[list[str]] = []
+    original = ALSScorer.fit
+
+    def spy(self: ALSScorer, data: Any) -> ALSScorer:
+        fitted.append(list(data.users))
+        return original(self, data)
+
+    monkeypatch.setattr(ALSScorer, "fit", spy)
+    grid = (ALSParams(4, 1.0, 3, 10.0), ALSParams(2, 1.0, 3, 10.0))
+    best, table = fit_mod.search_als(split, grid, seed=0, fit_users=40)
+    assert best in grid and len(table) == 2
+    assert len(fitted) == 2 and fitted[0] == fitted[1]  # one seeded sample for every setting
+    assert 0 < len(fitted[0]) <= 40 < len(split.pre.users)
+    # without a cap every candidate sees every user
+    fitted.clear()
+    fit_mod.search_als(split, grid, seed=0, fit_users=None)
+    assert fitted[0] == split.pre.users

@@ -108,7 +108,12 @@ def als_matrix_factorization(ctx: StageContext) -> StageResult:
             params = cfg.als_grid[0]
         else:
             params, search_table = search_als(
-                split, cfg.als_grid, cfg.seed, cfg.max_validation_users, ctx.progress
+                split,
+                cfg.als_grid,
+                cfg.seed,
+                cfg.max_validation_users,
+                ctx.progress,
+                fit_users=cfg.search_fit_users,
             )
             metrics["validation_ndcg@5"] = max(r["ndcg@5"] for r in search_table)
     ctx.progress(0, 1, "fitting ALS on the full window")
