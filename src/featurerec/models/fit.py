@@ -371,6 +371,8 @@ def _cv_shrinkage(
         for f in (0, 1):
             fit(f)
             other = (fold != (f == 0)) & has_target
+            if not other.any():  # a tiny world can leave a fold without adopters
+                continue
             pred = np.where(valid, predict(), -np.inf)[other]
             order = np.argsort(-pred, axis=1, kind="stable")[:, :5]
             rec = np.take_along_axis(ids[other], order, axis=1)
