@@ -20,8 +20,6 @@ broker), per-phase seconds and the machine's load average.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import glob
 import json
 import multiprocessing as mp
 import os
@@ -39,6 +37,7 @@ import orjson
 from featurerec.config import Settings
 from featurerec.events.ingest import Ingestor
 from featurerec.events.sources.kafka import KafkaIngest, KafkaOptions
+from featurerec.events.sources.kafka_mock import mock_cluster
 from featurerec.warehouse.engine import DuckDBEngine
 
 TOPIC = "segment.cloudflow.events.bench"
@@ -74,63 +73,6 @@ def _template() -> bytes:
         .replace(b"@T@", b"%s")
         .replace(b"@S@", b"%d")
     )
-
-
-def mock_cluster(partitions: int) -> tuple[str, Callable[[], None]] | None:
-    """A mock cluster with ``TOPIC`` pre-created with ``partitions`` partitions, through
-    librdkafka's C mock API (None when the bundled library does not export it)."""
-    libs = glob.glob(
-        os.path.join(os.path.dirname(ck.__file__), "..", "confluent_kafka.libs", "librdkafka*.so*")
-    )
-    if not libs:
-        return None
-    try:
-        lib = ctypes.CDLL(libs[0])
-        lib.rd_kafka_conf_new.restype = ctypes.c_void_p
-        lib.rd_kafka_new.restype = ctypes.c_void_p
-        lib.rd_kafka_conf_set.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_char_p,
-            ctypes.c_char_p,
-            ctypes.c_char_p,
-            ctypes.c_size_t,
-        ]
-        lib.rd_kafka_new.argtypes = [
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_char_p,
-            ctypes.c_size_t,
-        ]
-        lib.rd_kafka_mock_cluster_new.restype = ctypes.c_void_p
-        lib.rd_kafka_mock_cluster_new.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        lib.rd_kafka_mock_cluster_bootstraps.restype = ctypes.c_char_p
-        lib.rd_kafka_mock_cluster_bootstraps.argtypes = [ctypes.c_void_p]
-        lib.rd_kafka_mock_topic_create.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_char_p,
-            ctypes.c_int,
-            ctypes.c_int,
-        ]
-        lib.rd_kafka_mock_cluster_destroy.argtypes = [ctypes.c_void_p]
-        lib.rd_kafka_destroy.argtypes = [ctypes.c_void_p]
-    except (OSError, AttributeError):
-        return None
-    err = ctypes.create_string_buffer(512)
-    conf = lib.rd_kafka_conf_new()
-    lib.rd_kafka_conf_set(conf, b"log_level", b"0", err, 512)  # no "no bootstrap" warning
-    rk = lib.rd_kafka_new(0, conf, err, 512)
-    if not rk:
-        return None
-    mc = lib.rd_kafka_mock_cluster_new(rk, 1)
-    if lib.rd_kafka_mock_topic_create(mc, TOPIC.encode(), partitions, 1) != 0:
-        return None
-    bootstrap = lib.rd_kafka_mock_cluster_bootstraps(mc).decode()
-
-    def close() -> None:
-        lib.rd_kafka_mock_cluster_destroy(mc)
-        lib.rd_kafka_destroy(rk)
-
-    return bootstrap, close
 
 
 def produce(
@@ -182,7 +124,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-    cluster = mock_cluster(PARTITIONS)
+    cluster = mock_cluster({TOPIC: PARTITIONS}, rebalance_delay_ms=None)
     proc = None
     took = None
     if cluster is not None:

@@ -3,14 +3,12 @@ started by the test (``test.mock.num.brokers``), its address from ``list_topics(
 
 from __future__ import annotations
 
-import ctypes
-import glob
 import os
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import confluent_kafka as ck
@@ -21,6 +19,7 @@ from featurerec.config import Settings
 from featurerec.errors import DataError
 from featurerec.events.ingest import Ingestor
 from featurerec.events.sources.kafka import KafkaIngest, KafkaOptions, topic_regex
+from featurerec.events.sources.kafka_mock import mock_cluster
 from featurerec.events.validate import ValidatedBatch
 from featurerec.warehouse.engine import DuckDBEngine
 
@@ -35,65 +34,10 @@ OTHER = "billing.invoices"
 GROUP_CONF: dict[str, str] = {}
 
 
-def _mock_cluster_ctypes() -> tuple[str, Callable[[], None]] | None:
-    """librdkafka's mock cluster through its C API, with the group's initial rebalance delay
-    (3 s by default) set to 0 so each consumer-group join takes milliseconds, not seconds.
-    None when the bundled library does not export the mock API."""
-    libs = glob.glob(
-        os.path.join(os.path.dirname(ck.__file__), "..", "confluent_kafka.libs", "librdkafka*.so*")
-    )
-    if not libs:
-        return None
-    try:
-        lib = ctypes.CDLL(libs[0])
-        lib.rd_kafka_conf_new.restype = ctypes.c_void_p
-        lib.rd_kafka_new.restype = ctypes.c_void_p
-        lib.rd_kafka_conf_set.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_char_p,
-            ctypes.c_char_p,
-            ctypes.c_char_p,
-            ctypes.c_size_t,
-        ]
-        lib.rd_kafka_new.argtypes = [
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_char_p,
-            ctypes.c_size_t,
-        ]
-        lib.rd_kafka_mock_cluster_new.restype = ctypes.c_void_p
-        lib.rd_kafka_mock_cluster_new.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        lib.rd_kafka_mock_cluster_bootstraps.restype = ctypes.c_char_p
-        lib.rd_kafka_mock_cluster_bootstraps.argtypes = [ctypes.c_void_p]
-        lib.rd_kafka_mock_group_initial_rebalance_delay_ms.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_int32,
-        ]
-        lib.rd_kafka_mock_cluster_destroy.argtypes = [ctypes.c_void_p]
-        lib.rd_kafka_destroy.argtypes = [ctypes.c_void_p]
-    except (OSError, AttributeError):
-        return None
-    err = ctypes.create_string_buffer(512)
-    conf = lib.rd_kafka_conf_new()
-    lib.rd_kafka_conf_set(conf, b"log_level", b"0", err, 512)  # no "no bootstrap" warning
-    rk = lib.rd_kafka_new(0, conf, err, 512)
-    if not rk:
-        return None
-    mc = lib.rd_kafka_mock_cluster_new(rk, 1)
-    lib.rd_kafka_mock_group_initial_rebalance_delay_ms(mc, 0)
-    bootstrap = lib.rd_kafka_mock_cluster_bootstraps(mc).decode()
-
-    def close() -> None:
-        lib.rd_kafka_mock_cluster_destroy(mc)
-        lib.rd_kafka_destroy(rk)
-
-    return bootstrap, close
-
-
 @pytest.fixture(scope="module")
 def broker() -> Iterator[str]:
     """A mock Kafka cluster (a real Kafka-protocol broker on loopback) for this module."""
-    fast = _mock_cluster_ctypes()
+    fast = mock_cluster()
     if fast is not None:
         bootstrap, close = fast
         # no rebalance delay: short sessions let a restarted member rejoin at once
