@@ -378,10 +378,17 @@ def main() -> None:
     if shutil.which("wrk") is None:
         print("wrk not found (apt-get install -y wrk): using the slower Python generator")
     tmp = Path(tempfile.mkdtemp(prefix="bench_serving_"))
-    data = args.data_dir
+    data = tmp / "data"
     world = "given data dir"
-    if data is None:
-        data = tmp / "data"
+    if args.data_dir is not None:
+        # Serve a copy: the run writes recommendation logs, which would use up weekly caps
+        # in the next run (and change the user's data).
+        def runtime_logs(folder: str, names: list[str]) -> list[str]:
+            return [n for n in names if Path(folder).name == "serving" and n.startswith("log")]
+
+        shutil.copytree(args.data_dir, data, ignore=runtime_logs)
+        world = f"copy of {args.data_dir}"
+    else:
         build_fixture_world(data, args.users)
         world = f"serving fixture world ({args.users} users, seeded; not the simulator)"
     ids = user_ids(data)
