@@ -33,22 +33,10 @@ import numpy as np
 
 from featurerec.config import Settings
 from featurerec.events.ingest import Ingestor
+from featurerec.simulate.catalog import CORE_NAMES
 from featurerec.warehouse.engine import DuckDBEngine
 
-FEATURES = [
-    "kanban_boards",
-    "task_management",
-    "file_sharing",
-    "automations",
-    "gantt_charts",
-    "custom_dashboards",
-    "api_access",
-    "forms",
-    "advanced_reports",
-    "timelines",
-    "integrations",
-    "team_management",
-]
+FEATURES = CORE_NAMES  # the CloudFlow catalog
 OTHER_INCLUDED = [
     "feature_discovered",
     "page_viewed",
