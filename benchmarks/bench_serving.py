@@ -88,7 +88,7 @@ def build_fixture_world(data: Path, n_users: int) -> None:
     params = ALSParams(factors=64, iterations=15)
     bundle, _ = train_bundle(
         training_data_from_snapshot(snap),
-        TrainConfig(als_params=params, als_grid=(params,), seed=0, transition_weight=0.3),
+        TrainConfig(als_params=params, als_grid=(params,), seed=0),
     )
     publish_bundle(reg, bundle, data / "tmp_bundle")
     shutil.rmtree(data / "tmp_bundle")

@@ -112,10 +112,19 @@ def test_default_exclusion_is_the_adopted_set(bundle: ModelBundle, data: Trainin
 
 
 def test_cold_users_get_context_candidates(bundle: ModelBundle) -> None:
+    from dataclasses import replace
+
     cold = UserState("c", UserContext(role="engineer", plan="pro"), event_count=1)
-    full = bundle.strategy("hybrid").full_scores([cold])
-    ctx = bundle.calibrated("context", bundle.context.score([cold]))
-    np.testing.assert_allclose(full, ctx, rtol=1e-6)
+    saved = bundle.config
+    try:
+        bundle.config = replace(saved, n_candidates=3)
+        ctx = bundle.context.score([cold])[0]
+        top3 = set(np.argsort(-ctx, kind="stable")[:3].tolist())
+        for name in ("hybrid", "sequence_aware"):
+            ids, _ = bundle.strategy(name).candidates([cold], k=3)
+            assert set(ids[0].tolist()) == top3, name
+    finally:
+        bundle.config = saved
 
 
 def test_components_for_reasons(bundle: ModelBundle, data: TrainingData) -> None:
@@ -323,20 +332,36 @@ def test_single_feature_catalog_and_unknown_users() -> None:
         assert r.ids.tolist() == [[0, -1, -1], [-1, -1, -1]], name
 
 
-def test_blend_weight_needs_a_real_gain(bundle: ModelBundle, data: TrainingData) -> None:
+def test_blend_weights_are_fitted_and_order_the_candidates(
+    bundle: ModelBundle, data: TrainingData
+) -> None:
     from featurerec.models import fit
 
-    users = data.user_states(data.users[:60])
-    excl = np.zeros((60, bundle.n_items), bool)
-    targets = np.zeros((60, bundle.n_items), bool)
-    targets[:, 0] = True
+    users = data.user_states(data.users[:80])
+    excl = np.zeros((80, bundle.n_items), bool)
+    strat = bundle.strategy("hybrid")
+    x = strat.blend_signals(users)
+    # targets: each user's item with the highest context lift (signal 2)
+    targets = np.zeros((80, bundle.n_items), bool)
+    targets[np.arange(80), np.argmax(x[:, :, 2], axis=1)] = True
     saved = bundle.config
     try:
-        # grid values that all rank the same way: the default (first) wins
-        w, table = fit._pick_weight(
-            bundle, "transition_weight", "sequence_aware", (0.0, 0.0), users, excl, targets
-        )
-        assert w == 0.0 and len(table) == 2
-        assert bundle.config.transition_weight == 0.0
+        report = fit.TrainReport(als_params={})
+        fit.fit_blends(bundle, users, excl, targets, l2=0.01, report=report)
+        w = bundle.config.hybrid_weights
+        assert w[2] > max(abs(w[0]), abs(w[1])), w
+        assert report.blend_validation["hybrid"]["blend"] >= 0.95
+        assert set(report.blend_weights["hybrid"]) == {"adoption", "collaborative", "context_lift"}
+        raw = strat.blend_raw(users)
+        np.testing.assert_allclose(raw, x @ np.asarray(w), rtol=1e-6)
     finally:
         bundle.config = saved
+
+
+def test_bundle_config_rejects_wrong_weights() -> None:
+    from featurerec.models.strategies import BundleConfig
+
+    with pytest.raises(ModelError, match="hybrid weights must be 3"):
+        BundleConfig(hybrid_weights=(1.0, 2.0))
+    with pytest.raises(ModelError, match="sequence_aware weights"):
+        BundleConfig(sequence_weights=(1.0, float("nan"), 0.0, 0.0))

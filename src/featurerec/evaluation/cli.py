@@ -43,7 +43,11 @@ def evaluate_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Also write rows, split/training info and machine facts here."),
+        typer.Option(
+            "--out",
+            help="Also write rows, per-user ndcg@5 / hit_rate@3, split/training info and "
+            "machine facts here.",
+        ),
     ] = None,
 ) -> None:
     """Train on the past, rank for the held-out window, and score every strategy
@@ -102,6 +106,7 @@ def _write(path: Path, result: Any, world: Path | None) -> None:
     doc = {
         "rows": result.rows,
         "info": result.info,
+        "per_user": result.per_user,
         "world": manifest,
         "machine": {
             "cores": os.cpu_count(),

@@ -87,8 +87,12 @@ def evaluate(
     extra: Mapping[str, np.ndarray] | None = None,
     similarity: np.ndarray | None = None,
     seed: int = 0,
+    per_user: dict[str, dict[str, list[float]]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """``{strategy: {metric: value, ..., "users": n, "segments": {seg: {...}}}}``."""
+    """``{strategy: {metric: value, ..., "users": n, "segments": {seg: {...}}}}``.
+
+    ``per_user``, when given, is filled with each strategy's per-user ndcg@5 and
+    hit_rate@3 (test-user order), for pooling several evaluations."""
     if list(bundle.features) != list(test.features):
         raise ValueError("evaluate: the bundle and the test set use different feature lists")
     names = [s for s in (strategies or STRATEGIES) if s in bundle.available()]
@@ -117,6 +121,11 @@ def evaluate(
                 segs[s] = {**metric_row(rec[m], test.targets[m], pop, sim), "users": int(m.sum())}
         row["segments"] = segs
         out[name] = row
+        if per_user is not None:
+            per_user[name] = {
+                "ndcg@5": ndcg_at_k(rec, test.targets, 5).tolist(),
+                "hit_rate@3": hit_rate_at_k(rec, test.targets, 3).astype(float).tolist(),
+            }
     if "popularity" in rankings:
         base = rankings["popularity"]
         for name, rec in rankings.items():

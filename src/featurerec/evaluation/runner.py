@@ -20,6 +20,8 @@ from featurerec.models.fit import TrainConfig, train_bundle
 class EvaluationResult:
     rows: dict[str, dict[str, Any]]
     info: dict[str, Any] = field(default_factory=dict)
+    #: strategy -> metric -> one value per test user (same order for every strategy)
+    per_user: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
 
 def run_evaluation(
@@ -69,21 +71,21 @@ def run_evaluation(
                 horizon_days=float(sp.info.get("holdout_days", 7)),
             )
         )
+    per_user: dict[str, dict[str, list[float]]] = {}
     rows = evaluate(
         bundle,
         sp.test,
         extra=extra,
         similarity=item_similarity(sp.train.matrix),
         seed=settings.seed,
+        per_user=per_user,
     )
     info = {
         **sp.info,
         "als_params": report.als_params,
         "als_search": report.search,
-        "transition_weight": report.transition_weight,
-        "transition_search": report.transition_search,
-        "content_weight": report.content_weight,
-        "content_search": report.content_search,
+        "blend_weights": report.blend_weights,
+        "blend_validation": report.blend_validation,
         "bandit_shrinkage": report.arm_precision,
         "bandit_shrinkage_search": report.arm_precision_search,
         "warm_start_rows": report.warm_start_rows,
@@ -93,4 +95,4 @@ def run_evaluation(
             "total": round(time.perf_counter() - t0, 2),
         },
     }
-    return EvaluationResult(rows, info)
+    return EvaluationResult(rows, info, per_user)

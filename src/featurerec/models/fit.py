@@ -7,7 +7,10 @@ Steps (all seeded, all from the same data, no SQL):
 2. ALS hyperparameter search on that split (a handful of settings of factors /
    regularization / alpha), picked by ndcg@5 of the collaborative ranking, because no fixed
    setting is best for every product. Skipped when ``als_params`` is given.
-3. The sequence blend weight is picked the same way (ndcg@5 of the blended candidate score).
+3. The blend weights of hybrid / sequence_aware (next-adoption model, ALS percentile,
+   context lift, transitions) are fitted on the same split as a conditional logit of the
+   held-out adoptions (:func:`featurerec.models.adoption.fit_blend`), with the upstream
+   models fitted on the pre data.
 4. Bandit warm start: the upstream models are fitted on the pre data, and each bandit
    (hybrid, sequence_aware) learns from the organic adoptions of the validation window
    (reward 1 if the candidate was adopted, propensity 1: no logging policy involved).
@@ -31,6 +34,7 @@ import scipy.sparse as sp
 
 from featurerec.errors import ModelError
 from featurerec.evaluation.metrics import ndcg_at_k
+from featurerec.models.adoption import AdoptionModel, fit_blend
 from featurerec.models.als import ALSParams, ALSScorer
 from featurerec.models.bandit import BanditParams, ContextualBandit
 from featurerec.models.base import TrainingData, UserState, top_k
@@ -38,7 +42,13 @@ from featurerec.models.baselines import PopularityScorer, RandomScorer
 from featurerec.models.common import Calibrator, ItemSpace
 from featurerec.models.context import ContextScorer
 from featurerec.models.sequence import SequenceScorer
-from featurerec.models.strategies import BANDIT_STRATEGIES, BundleConfig, ModelBundle
+from featurerec.models.strategies import (
+    BANDIT_STRATEGIES,
+    BLEND_SIGNALS,
+    BundleConfig,
+    ModelBundle,
+    Strategy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +64,6 @@ DEFAULT_ALS_GRID: tuple[ALSParams, ...] = (
     ALSParams(8, 10.0, 15, 10.0),
     ALSParams(3, 1.0, 15, 10.0),
 )
-TRANSITION_WEIGHTS = (0.0, 0.15, 0.3, 0.5)
-CONTENT_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
-#: A blend weight other than the default must beat it on validation by more than this.
-MIN_GAIN = 0.005
 
 Progress = Callable[[float, float, str], None]
 
@@ -72,8 +78,8 @@ class TrainConfig:
     validation_days: float = 7.0
     cold_start_max_events: int = 5
     n_candidates: int = 20
-    transition_weight: float | None = None
-    content_weight: float | None = None
+    #: L2 penalty of the blend-weight fit (conditional logit on the validation window).
+    blend_l2: float = 1.0
     sequence_decay: float = 0.5
     #: Cap on users used for the search and the warm start (sampled, seeded).
     max_validation_users: int = 50_000
@@ -99,10 +105,10 @@ class ValidationSplit:
 class TrainReport:
     als_params: dict[str, Any]
     search: list[dict[str, Any]] = field(default_factory=list)
-    transition_weight: float = 0.0
-    transition_search: list[dict[str, float]] = field(default_factory=list)
-    content_weight: float = 0.0
-    content_search: list[dict[str, float]] = field(default_factory=list)
+    #: strategy -> {signal: weight}
+    blend_weights: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: strategy -> validation ndcg@5 of the fitted blend and of each signal alone
+    blend_validation: dict[str, dict[str, float]] = field(default_factory=dict)
     arm_precision: dict[str, float] = field(default_factory=dict)
     arm_precision_search: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     warm_start_rows: int = 0
@@ -290,6 +296,7 @@ def fit_upstream(data: TrainingData, als_params: ALSParams, config: TrainConfig)
     context = ContextScorer().fit(data)
     sequence = SequenceScorer(decay=config.sequence_decay).fit(data)
     popularity = PopularityScorer().fit(data)
+    adoption = AdoptionModel(seed=config.seed).fit(data)
     rnd = RandomScorer(seed=config.seed).fit(data)
     rows = _sample_rows(np.arange(len(data.users)), 20_000, config.seed)
     states = data.user_states([data.users[i] for i in rows])
@@ -305,47 +312,58 @@ def fit_upstream(data: TrainingData, als_params: ALSParams, config: TrainConfig)
         random=rnd,
         als=als,
         sequence=sequence,
+        adoption=adoption,
         calibrators=calibrators,
         config=BundleConfig(
             cold_start_max_events=config.cold_start_max_events,
             n_candidates=config.n_candidates,
-            transition_weight=config.transition_weight or 0.0,
             exploration_rate=config.bandit.exploration_rate,
         ),
     )
 
 
-def _pick_weight(
+def calibrate_blends(bundle: ModelBundle, data: TrainingData, seed: int = 0) -> None:
+    """Fit the percentile calibrators of the hybrid / sequence_aware blends (after their
+    weights are set) on a sample of ``data``'s users."""
+    if bundle.als is None:
+        return
+    rows = _sample_rows(np.arange(len(data.users)), 20_000, seed)
+    states = data.user_states([data.users[i] for i in rows])
+    for name in BANDIT_STRATEGIES:
+        raw = Strategy(name, bundle).blend_raw(states)
+        bundle.calibrators[name] = Calibrator.fit(raw, seed=seed)
+
+
+def fit_blends(
     bundle: ModelBundle,
-    field_name: str,
-    strategy: str,
-    grid: Sequence[float],
     states: list[UserState],
     excl: np.ndarray,
     targets: np.ndarray,
-) -> tuple[float, list[dict[str, float]]]:
-    """Pick a blend weight of the candidate score by ndcg@5 on the validation window.
-
-    The first grid value is the default; another wins only if it beats the default by more
-    than ``MIN_GAIN`` (validation windows are small; a gain of a few thousandths is noise and
-    did not carry over to the test week on the CloudFlow worlds)."""
-    table = []
-    best = (-1.0, 0.0)
-    base = None
-    for w in grid:
-        bundle.config = replace(bundle.config, **{field_name: w})  # type: ignore[arg-type]
-        if strategy not in bundle.available():
-            break
-        score = _ndcg(bundle.strategy(strategy).full_scores(states), excl, targets)
-        table.append({field_name: w, "ndcg@5": round(score, 4)})
-        if base is None:
-            base = score
-        if score > best[0] + 1e-9:
-            best = (score, w)
-    if base is not None and best[0] - base <= MIN_GAIN:
-        best = (base, grid[0])
-    bundle.config = replace(bundle.config, **{field_name: best[1]})  # type: ignore[arg-type]
-    return best[1], table
+    l2: float = 1.0,
+    report: TrainReport | None = None,
+) -> None:
+    """Fit the hybrid / sequence_aware blend weights on validation adopters (conditional
+    logit of the features each adopted against the ones they did not) and set them in
+    ``bundle.config``; the report gets the weights and the validation ndcg@5 of the blend
+    and of each signal alone (in-sample for the blend: the fit saw these users)."""
+    for name in BANDIT_STRATEGIES:
+        strat = Strategy(name, bundle)
+        x = strat.blend_signals(states)
+        w = fit_blend(x, targets & ~excl, excl, l2=l2)
+        weights = tuple(float(v) for v in w)
+        if name == "hybrid":
+            bundle.config = replace(bundle.config, hybrid_weights=weights)
+        else:
+            bundle.config = replace(bundle.config, sequence_weights=weights)
+        if report is not None:
+            sig = BLEND_SIGNALS[name]
+            report.blend_weights[name] = {
+                s: round(float(v), 4) for s, v in zip(sig, w, strict=True)
+            }
+            val = {"blend": round(_ndcg(x @ w, excl, targets), 4)}
+            for i, s in enumerate(sig):
+                val[s] = round(_ndcg(x[:, :, i], excl, targets), 4)
+            report.blend_validation[name] = val
 
 
 #: (arm_precision, context_precision) settings tried by the warm start's cross-validation.
@@ -481,7 +499,6 @@ def train_bundle(
         else:
             als_params = config.als_grid[0] if config.als_grid else ALSParams()
     report.als_params = asdict(als_params)
-    tw = config.transition_weight
     pre_bundle = None
     if split is not None:
         pre_bundle = fit_upstream(split.pre, als_params, config)
@@ -495,37 +512,19 @@ def train_bundle(
 
         states = split.pre.user_states([split.pre.users[i] for i in rows])
         excl = adopted_mask(states, pre_bundle.space)
-        cw = config.content_weight
-        if cw is None:
-            cw, report.content_search = _pick_weight(
-                pre_bundle,
-                "content_weight",
-                "hybrid",
-                CONTENT_WEIGHTS,
-                states,
-                excl,
-                split.targets[rows],
-            )
-        pre_bundle.config = replace(pre_bundle.config, content_weight=cw)
-        report.content_weight = cw
-        if tw is None:
-            tw, report.transition_search = _pick_weight(
-                pre_bundle,
-                "transition_weight",
-                "sequence_aware",
-                TRANSITION_WEIGHTS,
-                states,
-                excl,
-                split.targets[rows],
-            )
-        pre_bundle.config = replace(pre_bundle.config, transition_weight=tw)
+        fit_blends(pre_bundle, states, excl, split.targets[rows], config.blend_l2, report)
+        calibrate_blends(pre_bundle, split.pre, config.seed)
         report.warm_start_rows = warm_start_bandits(
             pre_bundle, split, config.bandit, config.seed, config.max_validation_users, report
         )
-    tw = 0.3 if tw is None else tw
-    report.transition_weight = tw
-    bundle = fit_upstream(data, als_params, replace(config, transition_weight=tw))
-    bundle.config = replace(bundle.config, content_weight=report.content_weight)
+    bundle = fit_upstream(data, als_params, config)
+    if pre_bundle is not None:
+        bundle.config = replace(
+            bundle.config,
+            hybrid_weights=pre_bundle.config.hybrid_weights,
+            sequence_weights=pre_bundle.config.sequence_weights,
+        )
+    calibrate_blends(bundle, data, config.seed)
     if pre_bundle is not None:
         bundle.bandits = pre_bundle.bandits
     else:

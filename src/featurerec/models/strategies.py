@@ -9,14 +9,14 @@ name                  candidates (stage 1)                                      
 ``collaborative_only``  ALS scores ``u . v`` (index search)                       by score
 ``content_based``     context model: adoption rate given role / team / plan /      by score
                       industry, shrunk to the global rate
-``hybrid``            ALS top ``n_candidates`` (20) via the index, scored by ALS   bandit
-                      blended with the context model (weight picked on a
-                      validation window); cold-start users (<
-                      ``cold_start_max_events`` events) get context-model
-                      candidates
-``sequence_aware``    hybrid candidates, score blended with transition            bandit
-                      probabilities from the user's recent features (weight
-                      picked on validation; 0 when transitions do not help)
+``hybrid``            ALS top ``n_candidates`` (20) via the index; cold-start users   bandit
+                      (< ``cold_start_max_events`` events) get context-model
+                      candidates. Scored by a blend of the next-adoption model
+                      (:mod:`featurerec.models.adoption`), the ALS percentile and
+                      the context model's lift over the global rate, with weights
+                      fitted on a validation window (conditional logit)
+``sequence_aware``    hybrid candidates; the blend also weighs the transition       bandit
+                      probabilities from the user's recent features
 ``popularity``        share of users who use the feature                          by score
 ``random``            uniform (seeded hash of user id)                            uniform
 ====================  ==========================================================  ==========
@@ -71,6 +71,7 @@ from typing import Any
 import numpy as np
 
 from featurerec.errors import ModelError
+from featurerec.models.adoption import AdoptionModel
 from featurerec.models.als import ALSScorer
 from featurerec.models.bandit import ContextualBandit
 from featurerec.models.base import UserState, top_k
@@ -98,32 +99,41 @@ STRATEGIES = (
 BANDIT_STRATEGIES = ("hybrid", "sequence_aware")
 
 
+#: Signals blended into the hybrid candidate score (sequence_aware adds "transition").
+BLEND_SIGNALS: dict[str, tuple[str, ...]] = {
+    "hybrid": ("adoption", "collaborative", "context_lift"),
+    "sequence_aware": ("adoption", "collaborative", "context_lift", "transition"),
+}
+
+
 @dataclass(frozen=True)
 class BundleConfig:
     """Knobs of the composed strategies (stored with the ranker artifact)."""
 
     cold_start_max_events: int = 5
     n_candidates: int = 20
-    #: sequence_aware: weight of the transition percentile in the candidate score.
-    transition_weight: float = 0.3
-    #: hybrid / sequence_aware, warm users: weight of the context-model percentile blended
-    #: with the ALS percentile (collaborative + content-based), picked on validation.
-    content_weight: float = 0.0
+    #: hybrid: weights of ``BLEND_SIGNALS["hybrid"]`` in the candidate score, fitted on a
+    #: validation window (:func:`featurerec.models.fit.train_bundle`); equal weights
+    #: when there is none.
+    hybrid_weights: tuple[float, ...] = (1.0, 1.0, 1.0)
+    #: sequence_aware: weights of ``BLEND_SIGNALS["sequence_aware"]`` (same fit).
+    sequence_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
     #: Exploration for strategies without a bandit (the bandit's own decays).
     exploration_rate: float = 0.1
     version: str = ""
 
     def __post_init__(self) -> None:
-        if not 0 <= self.content_weight <= 1:
-            raise ModelError(
-                f"bundle: content_weight must be in [0, 1] (got {self.content_weight})"
-            )
-        if not 0 <= self.transition_weight <= 1:
-            raise ModelError(
-                f"bundle: transition_weight must be in [0, 1] (got {self.transition_weight})"
-            )
+        for name, w in (("hybrid", self.hybrid_weights), ("sequence_aware", self.sequence_weights)):
+            if len(w) != len(BLEND_SIGNALS[name]) or not all(np.isfinite(w)):
+                raise ModelError(
+                    f"bundle: {name} weights must be {len(BLEND_SIGNALS[name])} finite numbers "
+                    f"({', '.join(BLEND_SIGNALS[name])}); got {list(w)}"
+                )
         if self.n_candidates <= 0:
             raise ModelError(f"bundle: n_candidates must be > 0 (got {self.n_candidates})")
+
+    def weights(self, strategy: str) -> tuple[float, ...]:
+        return self.hybrid_weights if strategy == "hybrid" else self.sequence_weights
 
 
 @dataclass
@@ -137,6 +147,7 @@ class ModelBundle:
     als: ALSScorer | None = None
     index: ExactIndex | HNSWIndex | None = None
     sequence: SequenceScorer | None = None
+    adoption: AdoptionModel | None = None
     bandits: dict[str, ContextualBandit] = field(default_factory=dict)
     calibrators: dict[str, Calibrator] = field(default_factory=dict)
     config: BundleConfig = field(default_factory=BundleConfig)
@@ -148,6 +159,7 @@ class ModelBundle:
             ("popularity", self.popularity),
             ("als", self.als),
             ("sequence", self.sequence),
+            ("adoption", self.adoption),
             *self.bandits.items(),
         ]
         for name, comp in comps:
@@ -220,6 +232,8 @@ class ModelBundle:
         self.random.save(path / "random")
         if self.sequence is not None:
             self.sequence.save(path / "sequence")
+        if self.adoption is not None:
+            self.adoption.save(path / "adoption")
         for name, b in self.bandits.items():
             b.save(path / f"bandit_{name}")
         write_artifact(
@@ -230,6 +244,7 @@ class ModelBundle:
                 "config": asdict(self.config),
                 "bandits": sorted(self.bandits),
                 "has_sequence": self.sequence is not None,
+                "has_adoption": self.adoption is not None,
             },
             {f"cal_{k}": v.quantiles for k, v in self.calibrators.items() if k != "als"},
         )
@@ -270,10 +285,26 @@ def load_bundle(
         als=als,
         index=load_index(Path(index)) if index is not None else None,
         sequence=SequenceScorer.load(ranker / "sequence") if meta["has_sequence"] else None,
+        adoption=AdoptionModel.load(ranker / "adoption") if meta.get("has_adoption") else None,
         bandits={b: ContextualBandit.load(ranker / f"bandit_{b}") for b in meta["bandits"]},
         calibrators=calibrators,
-        config=BundleConfig(**meta["config"]),
+        config=_config_from_meta(meta["config"]),
     )
+
+
+def _config_from_meta(raw: dict[str, Any]) -> BundleConfig:
+    known = {f for f in BundleConfig.__dataclass_fields__}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ModelError(
+            f"ranker artifact: config keys {unknown} are not known to this version "
+            "(an artifact from an older featurerec: retrain it with `featurerec pipeline run`)"
+        )
+    kw = dict(raw)
+    for k in ("hybrid_weights", "sequence_weights"):
+        if k in kw:
+            kw[k] = tuple(float(x) for x in kw[k])
+    return BundleConfig(**kw)
 
 
 class ScoreCache:
@@ -289,7 +320,10 @@ class ScoreCache:
 
     def get(self, name: str) -> np.ndarray:
         """``als`` / ``context`` / ``sequence`` (0..1 percentiles), ``context_raw``,
-        ``sequence_raw``, ``popularity``, ``random``: (n, n_items)."""
+        ``sequence_raw``, ``popularity``, ``random``, ``adoption`` (next-adoption logit,
+        0 without the model), ``context_lift`` (log of the context model's rate over the
+        global one), ``collaborative`` (ALS percentile; popularity for users without
+        history): (n, n_items)."""
         if name not in self._c:
             b, u = self.bundle, self.users
             if name == "als":
@@ -308,6 +342,23 @@ class ScoreCache:
                 out = b.popularity.score(u)
             elif name == "random":
                 out = b.random.score(u)
+            elif name == "adoption":
+                if b.adoption is None:
+                    out = np.zeros((len(u), b.n_items), dtype=np.float32)
+                else:
+                    out = b.adoption.score(u)
+            elif name == "context_lift":
+                glob = np.clip(b.context.global_rate, 1e-4, 1)[None, :]
+                out = np.log(np.clip(self.get("context_raw"), 1e-4, 1) / glob)
+            elif name == "collaborative":
+                assert b.als is not None
+                out = self.get("als")
+                # users with no usable interactions: ALS has nothing; popularity instead
+                no_hist = np.asarray(
+                    [not any(f in b.space.index for f in x.interactions) for x in u], dtype=bool
+                ).reshape(len(u))
+                if no_hist.any():
+                    out = np.where(no_hist[:, None], self.get("popularity"), out)
             else:
                 raise KeyError(name)
             self._c[name] = out
@@ -346,25 +397,31 @@ class Strategy:
             return c.get(self.name)
         if self.name == "content_based":
             return c.get("context_raw")
-        assert b.als is not None
-        collab = c.get("als")
-        # users with no usable interactions: ALS has nothing; order them by popularity
-        no_hist = np.asarray(
-            [not any(f in b.space.index for f in u.interactions) for u in users], dtype=bool
-        ).reshape(len(users))
-        if no_hist.any():
-            collab = np.where(no_hist[:, None], c.get("popularity"), collab)
         if self.name == "collaborative_only":
-            return collab.astype(np.float32)
-        cw = b.config.content_weight
-        if cw > 0:
-            collab = (1 - cw) * collab + cw * c.get("context")
-        cold = b.cold(users)
-        upstream = np.where(cold[:, None], c.get("context"), collab) if cold.any() else collab
-        if self.name == "sequence_aware" and b.sequence is not None:
-            w = b.config.transition_weight
-            upstream = (1 - w) * upstream + w * c.get("sequence")
-        return np.asarray(upstream, dtype=np.float32)
+            return c.get("collaborative").astype(np.float32)
+        return b.calibrated(self.name, self.blend_raw(users, c))
+
+    def blend_signals(
+        self, users: Sequence[UserState], cache: ScoreCache | None = None
+    ) -> np.ndarray:
+        """(n, n_items, d) the signals hybrid / sequence_aware blend (``BLEND_SIGNALS``)."""
+        c = cache or self.cache(users)
+        b = self.bundle
+        cols = []
+        for sig in BLEND_SIGNALS[self.name]:
+            if sig == "transition":
+                m = c.get("sequence") if b.sequence is not None else None
+            else:
+                m = c.get(sig)
+            cols.append(
+                np.zeros((len(users), b.n_items)) if m is None else np.asarray(m, np.float64)
+            )
+        return np.stack(cols, axis=2)
+
+    def blend_raw(self, users: Sequence[UserState], cache: ScoreCache | None = None) -> np.ndarray:
+        """(n, n_items) the linear blend of :meth:`blend_signals` (before calibration)."""
+        w = np.asarray(self.bundle.config.weights(self.name), dtype=np.float64)
+        return np.asarray(self.blend_signals(users, cache) @ w)
 
     def candidates(
         self,
@@ -379,6 +436,19 @@ class Strategy:
             raise ModelError(f"candidates: k must be > 0 (got {k})")
         exclude = self._check(users, exclude)
         b = self.bundle
+        cache = cache or self.cache(users)
+        if self.name in BANDIT_STRATEGIES:
+            cold = b.cold(users)
+            if cold.any():
+                # cold-start users: candidates come from the context model
+                n_ctx = max(k, b.config.n_candidates)
+                ctx_ids, _ = top_k(cache.get("context_raw")[cold], n_ctx, exclude[cold])
+                allowed = np.zeros((int(cold.sum()), b.n_items), dtype=bool)
+                rows = np.repeat(np.arange(len(ctx_ids)), ctx_ids.shape[1])
+                flat = ctx_ids.ravel()
+                allowed[rows[flat >= 0], flat[flat >= 0]] = True
+                exclude = exclude.copy()
+                exclude[cold] |= ~allowed
         if self.name in ("collaborative_only", "hybrid", "sequence_aware") and (
             b.index is not None and b.als is not None and isinstance(b.index, HNSWIndex)
         ):

@@ -271,7 +271,10 @@ def contextual_bandit(ctx: StageContext) -> StageResult:
         params={
             **asdict(cfg.bandit),
             "als_params_for_warm_start": report.als_params,
-            "transition_weight": report.transition_weight,
+            **{
+                f"blend_weights[{k}]": ",".join(f"{s}={w:g}" for s, w in v.items())
+                for k, v in report.blend_weights.items()
+            },
         },
         metrics={
             "warm_start_rows": float(report.warm_start_rows),

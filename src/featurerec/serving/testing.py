@@ -215,7 +215,7 @@ def train_fixture_bundle(snap: Any, seed: int = 0) -> Any:
     params = ALSParams(factors=8, iterations=5)
     bundle, _ = train_bundle(
         training_data_from_snapshot(snap),
-        TrainConfig(als_params=params, als_grid=(params,), seed=seed, transition_weight=0.3),
+        TrainConfig(als_params=params, als_grid=(params,), seed=seed),
     )
     return bundle
 
