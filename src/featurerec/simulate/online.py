@@ -8,8 +8,9 @@
    builds the production model and the online state.
 2. **Warm-up** (``warmup_days``): every active user is served by the production default
    strategy with the deployment's exploration (logged propensities). At its end, the OPE
-   estimate of each variant's CTR and 7-day adoption is made from that log
-   (:mod:`featurerec.experiments.ope`), before any user sees the variants.
+   estimate of each variant's CTR and 7-day adoption per recommendation is made from that
+   log after its first ``ope_burn_in_days`` (:mod:`featurerec.experiments.ope`, rewards from
+   :mod:`featurerec.experiments.rounds`), before any user sees the variants.
 3. **Experiment** (``weeks`` x 7 days): each day SIM's world continues (``ChunkSim.step_day``);
    every active user asks SERVE's :class:`RecommendationService` (in-process, with the
    experiment spec, so assignment is :func:`featurerec.experiments.assignment.assign`) for
@@ -23,7 +24,12 @@
    A ``holdout_share`` of users (hashed, outside the experiment) is served the ``random``
    strategy: the baseline of the cold-start comparison.
 4. **Results**: the experiment report (:mod:`featurerec.experiments.report`) on the
-   warehouse, the spec's results tables, cold start vs random, and OPE vs online.
+   warehouse, the spec's results tables, cold start vs random, and OPE vs online: the same
+   per-round rewards, denominators and 7-day censoring on both sides, user-clustered, for
+   the whole run and for the frozen policy the OPE evaluated (the experiment's days before
+   the first retrain), with "OPE inside the online interval" and a two-sided test of
+   OPE = online from both standard errors; plus the context drift between the OPE log and
+   the experiment (share of repeat recommendations, CTR of first vs repeat ones).
 
 Placements: ``sidebar_panel`` asks when the user starts their first session of the day;
 ``in_context_tooltip`` when they first use a feature that day (the request carries that
@@ -75,7 +81,9 @@ class OnlineConfig:
 
     users: int = 36_000
     history_days: int = 14
-    warmup_days: int = 10
+    #: Production-policy days before the experiment (the OPE log); OPE needs at least
+    #: ``ope_burn_in_days`` + 7 + 1 of them for 7-day adoption (windows must close).
+    warmup_days: int = 14
     #: None = the spec's duration_weeks.
     weeks: float | None = None
     #: The spec retrains daily (1); weekly keeps a 4-week, 36k-user run within 10 minutes.
@@ -86,6 +94,12 @@ class OnlineConfig:
     seed: int = 0
     pipeline_spec: str = "builtin:pipeline.demo.json"
     ope: bool = True
+    #: OPE ignores the warm-up's first days: recommendations start from nothing there
+    #: (every slate is a first exposure, no caps or dismissals yet), a transient the
+    #: experiment, which follows the warm-up, never sees (measured: per-recommendation 7-day
+    #: adoption 0.064 / 0.055 / 0.049 on warm-up days 0-2, 0.043-0.047 from day 3 on and
+    #: during the experiment).
+    ope_burn_in_days: int = 3
 
     def __post_init__(self) -> None:
         if self.default_placement not in PLACEMENT_CODES:
@@ -96,6 +110,8 @@ class OnlineConfig:
             raise DataError(f"holdout_share must be in [0, 0.5) (got {self.holdout_share})")
         if self.retrain_every_days < 1:
             raise DataError(f"retrain_every_days must be >= 1 (got {self.retrain_every_days})")
+        if self.ope_burn_in_days < 0:
+            raise DataError(f"ope_burn_in_days must be >= 0 (got {self.ope_burn_in_days})")
 
 
 @dataclass(frozen=True)
@@ -122,6 +138,12 @@ class OPEResult:
     frozen_ci_low: float | None = None
     frozen_ci_high: float | None = None
     inside_frozen_ci: bool | None = None
+    #: p-value of "OPE = online" from both standard errors (the check that accounts for the
+    #: OPE's own uncertainty), and whether p >= 0.05; whole run and frozen policy
+    p_online: float | None = None
+    consistent_online: bool | None = None
+    p_frozen: float | None = None
+    consistent_frozen: bool | None = None
 
 
 @dataclass
@@ -136,18 +158,35 @@ class OnlineResult:
     counts: dict[str, int]
     data_dir: str
     notes: list[str] = field(default_factory=list)
+    #: Context drift between the OPE log and the experiment, per group ("ope log" and each
+    #: variant): rounds, share of rounds that repeat a (user, feature) recommended before,
+    #: CTR of first and of repeated recommendations.
+    drift: list[dict[str, Any]] = field(default_factory=list)
+
+    def share(
+        self, attr: str, *, estimator: str | None = None, metric: str | None = None
+    ) -> float | None:
+        """Share of OPE rows (optionally one estimator / metric) whose boolean ``attr``
+        (``inside_online_ci``, ``inside_frozen_ci``, ``consistent_online``, ...) is true."""
+        checked = [
+            o
+            for o in self.ope
+            if getattr(o, attr) is not None
+            and (estimator is None or o.estimator == estimator)
+            and (metric is None or o.metric == metric)
+        ]
+        return sum(bool(getattr(o, attr)) for o in checked) / len(checked) if checked else None
 
     @property
     def ope_inside_share(self) -> float | None:
-        checked = [o for o in self.ope if o.inside_online_ci is not None]
-        return sum(bool(o.inside_online_ci) for o in checked) / len(checked) if checked else None
+        """Share of OPE estimates inside the online 95% interval of the whole run."""
+        return self.share("inside_online_ci")
 
     @property
     def ope_inside_frozen_share(self) -> float | None:
         """Share of OPE estimates inside the 95% interval of the online result of the same
         frozen policy (the experiment's days before the first retrain)."""
-        checked = [o for o in self.ope if o.inside_frozen_ci is not None]
-        return sum(bool(o.inside_frozen_ci) for o in checked) / len(checked) if checked else None
+        return self.share("inside_frozen_ci")
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -607,6 +646,7 @@ class OnlineExperiment:
         t_all = time.perf_counter()
         self.logged_contexts: list[_LoggedContext] = []
         self.setup()
+        self.warmup_start = self._dt(self.day * DAY_US)
         weeks = self.cfg.weeks if self.cfg.weeks is not None else self.spec.duration_weeks
         exp_days = round(weeks * 7)
         total = self.cfg.warmup_days + exp_days
@@ -645,18 +685,20 @@ class OnlineExperiment:
 
     # ---------------------------------------------------------------------------------------
     def _ope_estimates(self) -> list[dict[str, Any]]:
-        """Each variant's CTR and 7-day adoption estimated from the warm-up log, now."""
+        """Each variant's CTR and 7-day adoption per recommendation estimated from the
+        warm-up log (after its burn-in), now. Rewards, denominators and censoring are
+        :mod:`featurerec.experiments.rounds`' (the online side of the comparison uses the
+        same definitions)."""
         from featurerec.experiments.ope import estimate_policy_value, tabular_reward_model
+        from featurerec.experiments.rounds import METRICS, load_rounds
         from featurerec.feedback.attribution import attribute
 
         self.flush()
         t0 = time.perf_counter()
         as_of = self.experiment_start
         attribute(self.engine, as_of=as_of)
-        rows = self.engine.query_rows(
-            "SELECT recommendation_id, clicked, adopted_7d, generated_at "
-            "FROM ml.recommendation_feedback WHERE experiment IS NULL AND strategy <> 'random'"
-        )
+        self.ope_log_start = self.warmup_start + timedelta(days=self.cfg.ope_burn_in_days)
+        rounds = load_rounds(self.engine, as_of=as_of, start=self.ope_log_start, logging=True)
         # yesterday's recommendations get their responses when the next day is simulated:
         # leave them out, their clicks are not known yet
         pending = (
@@ -664,32 +706,35 @@ class OnlineExperiment:
             if self.exposures is not None
             else set()
         )
-        outcome = {r["recommendation_id"]: r for r in rows if r["recommendation_id"] not in pending}
-        complete_before = as_of - timedelta(days=7)
+        row_of = {
+            rid: i for i, rid in enumerate(rounds.recommendation_id.tolist()) if rid not in pending
+        }
+        rewards = {m: rounds.reward(m) for m in METRICS}
         eps = self.deployment.models.ranker.exploration_rate
         k = self.deployment.models.ranker.output_k
         top_k = self.deployment.models.candidate_generator.top_k
         n_items = len(self.model.features)
         out: list[dict[str, Any]] = []
         # logged rounds
-        a, p, pos, ctx_id, click, adopt, complete, users = [], [], [], [], [], [], [], []
+        a, p, pos, ctx_id, rows, users = [], [], [], [], [], []
         for ci, lc in enumerate(self.logged_contexts):
             for rid, f, ps, pr in zip(
                 lc.rec_ids, lc.features, lc.positions, lc.propensities, strict=True
             ):
-                o = outcome.get(rid)
-                if o is None:
+                j = row_of.get(rid)
+                if j is None:
                     continue
                 a.append(f)
                 p.append(pr)
                 pos.append(ps)
                 ctx_id.append(ci)
-                click.append(float(o["clicked"]))
-                adopt.append(float(o["adopted_7d"]))
-                complete.append(o["generated_at"] <= complete_before)
+                rows.append(j)
                 users.append(lc.user.user_id)
         if not a:
-            self.notes.append("OPE: no logged warm-up recommendations to evaluate from")
+            self.notes.append(
+                "OPE: no logged warm-up recommendations to evaluate from (after the "
+                f"{self.cfg.ope_burn_in_days}-day burn-in; increase --warmup-days)"
+            )
             return out
         action, pscore = np.asarray(a), np.asarray(p)
         position, cidx = np.asarray(pos), np.asarray(ctx_id)
@@ -698,7 +743,11 @@ class OnlineExperiment:
             [min(self.logged_contexts[i].user.event_count, 60) // 5 for i in cidx.tolist()]
         )
         n_ctx = int(ctx_bucket.max()) + 1
-        done_rows = np.asarray(complete)
+        row_idx = np.asarray(rows)
+        # target distributions only for the contexts whose rounds are used
+        used = np.unique(cidx)
+        used_contexts = [self.logged_contexts[i] for i in used.tolist()]
+        cpos = np.searchsorted(used, cidx)
         for v in self.spec.variants:
             strategy = v.resolved_strategy
             if v.resolved_placement not in (None, self.cfg.default_placement):
@@ -707,21 +756,19 @@ class OnlineExperiment:
                 continue
             name = self.model.strategy_name(strategy or self.settings.serving.default_strategy)
             dist = _target_slate_dist(
-                self.model, name, self.logged_contexts, k, top_k,
-                1.0 if name == "random" else eps,
+                self.model, name, used_contexts, k, top_k, 1.0 if name == "random" else eps,
             )  # fmt: skip
             # rows with no target mass at a position cannot sum to 1: give the rest to "none"
-            d = dist[cidx]
+            d = dist[cpos]
             # per-round rewards; compared online with the per-recommendation rates (CTR and
             # rec_adoption_7d), user-clustered on both sides
-            for metric, reward, mask in (
-                ("click_through_rate", np.asarray(click), np.ones(len(a), bool)),
-                ("rec_adoption_7d", np.asarray(adopt), done_rows),
-            ):
+            for metric in METRICS:
+                reward, mask = (x[row_idx] for x in rewards[metric])
                 if mask.sum() < 50:
                     out.append({"variant": v.name, "strategy": strategy, "metric": metric,
                                 "skip": f"only {int(mask.sum())} logged rows with complete "
-                                        "windows before the run (increase --warmup-days)"})  # fmt: skip
+                                        "windows after the burn-in, before the run "
+                                        "(increase --warmup-days)"})  # fmt: skip
                     continue
                 dm = _per_round_dist(d[mask], position[mask], n_items)
                 q_table = tabular_reward_model(
@@ -733,14 +780,19 @@ class OnlineExperiment:
                 est = estimate_policy_value(
                     action[mask], reward[mask], pscore[mask], dm, qhat, groups=groups[mask]
                 )
+                # "shows nothing" mass: rounds the target would leave empty count as reward
+                # 0 here, while online they are not rounds at all (kept small by the same
+                # eligibility and slate size on both sides; reported so it is visible)
                 out.append({"variant": v.name, "strategy": strategy, "metric": metric,
-                            "estimates": est, "n": int(mask.sum())})  # fmt: skip
+                            "estimates": est, "n": int(mask.sum()),
+                            "empty_mass": float(dm[:, -1].mean())})  # fmt: skip
         self._time("ope", t0)
         return out
 
     def _results(self, ope_before: list[dict[str, Any]], t_all: float) -> OnlineResult:
         from featurerec.analysis.reports import cold_start
         from featurerec.experiments.report import experiment_report
+        from featurerec.experiments.rounds import consistent, load_rounds, online_rates
         from featurerec.feedback.attribution import attribute
 
         self.flush()
@@ -753,20 +805,23 @@ class OnlineExperiment:
         )
         days = math.ceil((end - self.experiment_start).total_seconds() / 86400)
         cs = cold_start(self.engine, self.settings, as_of=end, days=days)
-        by_variant = {s.name: s for s in report.variants}
-        # the policy the OPE evaluated serves until the first retrain: its own online result
+        # OPE vs online, like with like: per-round rewards with the OPE's definitions
+        # (experiments.rounds: same reward, denominator and 7-day censoring), user-clustered,
+        # for the whole run and for the frozen policy the OPE evaluated (it serves until the
+        # first retrain)
         frozen_end = min(
             end,
             self.experiment_start
             + timedelta(days=self.cfg.retrain_every_days)
             - timedelta(microseconds=1),
         )
-        frozen = {
-            s.name: s
-            for s in experiment_report(
-                self.engine, self.spec, as_of=frozen_end, seed=self.cfg.seed
-            ).variants
-        }
+        rounds = load_rounds(self.engine, as_of=end, start=self.experiment_start,
+                             experiment=self.spec.name)  # fmt: skip
+        names = list(self.spec.variant_names)
+        whole = online_rates(rounds, names)
+        frozen = online_rates(
+            rounds.subset(rounds.generated_at <= np.datetime64(frozen_end, "us")), names
+        )
         ope: list[OPEResult] = []
         for o in ope_before:
             if "skip" in o:
@@ -775,32 +830,36 @@ class OnlineExperiment:
                               None, None, None, None, None, None, None, 0, o["skip"])
                 )  # fmt: skip
                 continue
-            online = by_variant[o["variant"]].metrics[o["metric"]]
+            online = whole[o["variant"]][o["metric"]]
+            fm = frozen[o["variant"]][o["metric"]]
             for name, e in o["estimates"].items():
                 inside = (
                     None
-                    if online.ci_low is None
+                    if online.ci_low is None or online.ci_high is None
                     else bool(online.ci_low <= e.value <= online.ci_high)
                 )
                 reverse = (
                     None if online.value is None else bool(e.ci_low <= online.value <= e.ci_high)
                 )
-                fv = frozen.get(o["variant"])
-                fm = fv.metrics[o["metric"]] if fv is not None else None
                 inside_frozen = (
                     None
-                    if fm is None or fm.ci_low is None
+                    if fm.ci_low is None or fm.ci_high is None
                     else bool(fm.ci_low <= e.value <= fm.ci_high)
                 )
+                p_on, ok_on = consistent(e, online)
+                p_fr, ok_fr = consistent(e, fm)
+                note = f"target leaves {o['empty_mass']:.1%} of logged slots empty" if o.get(
+                    "empty_mass", 0) > 0.005 else ""  # fmt: skip
                 ope.append(
                     OPEResult(o["variant"], o["strategy"], o["metric"], name, e.value, e.ci_low,
                               e.ci_high, online.value, online.ci_low, online.ci_high, inside,
-                              o["n"], online_inside_ope_ci=reverse,
-                              frozen_online=None if fm is None else fm.value,
-                              frozen_ci_low=None if fm is None else fm.ci_low,
-                              frozen_ci_high=None if fm is None else fm.ci_high,
-                              inside_frozen_ci=inside_frozen)
+                              o["n"], note, online_inside_ope_ci=reverse,
+                              frozen_online=fm.value, frozen_ci_low=fm.ci_low,
+                              frozen_ci_high=fm.ci_high, inside_frozen_ci=inside_frozen,
+                              p_online=p_on, consistent_online=ok_on, p_frozen=p_fr,
+                              consistent_frozen=ok_fr)
                 )  # fmt: skip
+        drift = self._drift() if ope_before else []
         for v in report.variants:
             if v.users == 0:
                 why = (
@@ -824,6 +883,29 @@ class OnlineExperiment:
             counts=self.counts,
             data_dir=str(self.settings.data_path),
             notes=self.notes,
+            drift=drift,
+        )
+
+    def _drift(self) -> list[dict[str, Any]]:
+        """How the OPE log's rounds differ from the experiment's: an OPE of one-step
+        rewards assumes the target meets the log's contexts, but a policy shapes its own
+        exposure history (frequency caps, cooldowns, repeats)."""
+        start = getattr(self, "ope_log_start", self.experiment_start)
+        return self.engine.query_rows(
+            """WITH f AS (
+                   SELECT *, ROW_NUMBER() OVER (PARTITION BY user_id, recommended_feature
+                             ORDER BY generated_at, recommendation_id) > 1 AS repeat
+                   FROM ml.recommendation_feedback)
+               SELECT CASE WHEN experiment IS NULL THEN 'ope log' ELSE variant END AS "group",
+                      COUNT(*) AS rounds, AVG(repeat::INT) AS repeat_share,
+                      AVG(clicked) FILTER (WHERE NOT repeat) AS ctr_first,
+                      AVG(clicked) FILTER (WHERE repeat) AS ctr_repeat
+               FROM f
+               WHERE (experiment IS NULL AND strategy <> 'random'
+                      AND generated_at >= $start AND generated_at < $exp_start)
+                  OR (experiment = $e AND variant IS NOT NULL)
+               GROUP BY 1 ORDER BY 1""",
+            {"start": start, "exp_start": self.experiment_start, "e": self.spec.name},
         )
 
 
@@ -933,6 +1015,8 @@ def result_tables(result: OnlineResult) -> dict[str, list[dict[str, Any]]]:
             "OPE inside frozen CI": ""
             if o.inside_frozen_ci is None
             else ("yes" if o.inside_frozen_ci else "no"),
+            "p (OPE = online)": o.p_online,
+            "p (OPE = frozen)": o.p_frozen,
             "note": o.note,
         }
         for o in result.ope
@@ -946,7 +1030,10 @@ def simulate_experiment_cmd(
     users: Annotated[int, typer.Option(help="Users in the simulated world.")] = 36_000,
     weeks: Annotated[float | None, typer.Option(help="Default: the spec's duration.")] = None,
     history_days: Annotated[int, typer.Option(help="Behaviour before the run.")] = 14,
-    warmup_days: Annotated[int, typer.Option(help="Production policy days (OPE log).")] = 10,
+    warmup_days: Annotated[int, typer.Option(help="Production policy days (OPE log).")] = 14,
+    burn_in: Annotated[
+        int, typer.Option(help="First warm-up days the OPE leaves out (start transient).")
+    ] = 3,
     retrain_every: Annotated[int, typer.Option(help="Retrain every N days.")] = 7,
     placement: Annotated[
         str, typer.Option(help="Placement for variants that do not choose one.")
@@ -970,7 +1057,7 @@ def simulate_experiment_cmd(
     cfg = OnlineConfig(
         users=users, history_days=history_days, warmup_days=warmup_days, weeks=weeks,
         retrain_every_days=retrain_every, default_placement=placement, holdout_share=holdout,
-        seed=seed, ope=not no_ope,
+        seed=seed, ope=not no_ope, ope_burn_in_days=burn_in,
     )  # fmt: skip
     work = out or settings.data_path / "online" / spec.name
     with progress() as bar:
@@ -983,15 +1070,26 @@ def simulate_experiment_cmd(
     tables = result_tables(result)
     if json_out:
         print_json(
-            {"result": result, "tables": tables, "ope_inside_share": result.ope_inside_share}
+            {
+                "result": result,
+                "tables": tables,
+                "ope_inside_share": result.ope_inside_share,
+                "ope_inside_frozen_share": result.ope_inside_frozen_share,
+            }
         )
         return
     console.print(f"response model: {result.response_model}")
     for name, rows in tables.items():
         print_table(rows, title=name.replace("_", " "))
-    share = result.ope_inside_share
-    if share is not None:
-        console.print(f"OPE estimates inside the online 95% interval: {share:.0%}")
+    for attr, what in (
+        ("inside_online_ci", "OPE estimates inside the online 95% interval (whole run)"),
+        ("inside_frozen_ci", "OPE estimates inside the online 95% interval (frozen policy)"),
+        ("consistent_online", "OPE consistent with online, p >= 0.05 (whole run)"),
+        ("consistent_frozen", "OPE consistent with online, p >= 0.05 (frozen policy)"),
+    ):
+        share = result.share(attr)
+        if share is not None:
+            console.print(f"{what}: {share:.0%}")
     print_report(result.report)
     console.print(f"timings (s): {result.timings}")
     console.print(f"counts: {result.counts}")
