@@ -144,6 +144,11 @@ class OPEResult:
     consistent_online: bool | None = None
     p_frozen: float | None = None
     consistent_frozen: bool | None = None
+    #: importance weights: effective sample size (sum w)^2 / sum w^2 and the largest weight
+    #: (a small ESS means a heavy-tailed, skewed estimate: usually a little low, now and
+    #: then far too high)
+    effective_sample_size: float | None = None
+    max_weight: float | None = None
 
 
 @dataclass
@@ -857,7 +862,9 @@ class OnlineExperiment:
                               frozen_online=fm.value, frozen_ci_low=fm.ci_low,
                               frozen_ci_high=fm.ci_high, inside_frozen_ci=inside_frozen,
                               p_online=p_on, consistent_online=ok_on, p_frozen=p_fr,
-                              consistent_frozen=ok_fr)
+                              consistent_frozen=ok_fr,
+                              effective_sample_size=e.effective_sample_size,
+                              max_weight=e.max_weight)
                 )  # fmt: skip
         drift = self._drift() if ope_before else []
         for v in report.variants:
@@ -1017,6 +1024,8 @@ def result_tables(result: OnlineResult) -> dict[str, list[dict[str, Any]]]:
             else ("yes" if o.inside_frozen_ci else "no"),
             "p (OPE = online)": o.p_online,
             "p (OPE = frozen)": o.p_frozen,
+            "ESS": None if o.effective_sample_size is None else round(o.effective_sample_size),
+            "max weight": o.max_weight,
             "note": o.note,
         }
         for o in result.ope
