@@ -111,3 +111,22 @@ def test_adoption_artifact_shape_mismatch_is_refused(tmp_path: Path) -> None:
     model.save(tmp_path / "bad")
     with pytest.raises(ModelError, match="do not match"):
         AdoptionModel.load(tmp_path / "bad")
+
+
+def test_cv_blend_penalises_noise_more_than_signal() -> None:
+    from featurerec.models.adoption import cv_blend
+
+    rng = np.random.default_rng(2)
+    n, m = 300, 8
+    x = rng.normal(size=(n, m, 2))
+    blocked = np.zeros((n, m), bool)
+    strong = np.zeros((n, m), bool)
+    strong[np.arange(n), np.argmax(3 * x[:, :, 0] + rng.gumbel(size=(n, m)), axis=1)] = True
+    noise = np.zeros((n, m), bool)
+    noise[np.arange(n), rng.integers(0, m, n)] = True
+    w_s, l2_s, cv_s, table = cv_blend(x, strong, blocked)
+    w_n, l2_n, cv_n, _ = cv_blend(x, noise, blocked)
+    assert l2_s < l2_n
+    assert w_s[0] > 1.5 and abs(w_n).max() < 0.3
+    assert cv_s < cv_n <= np.log(m) + 0.05  # noise: about the uniform model's NLL
+    assert [r["l2"] for r in table] == [0.1, 1.0, 10.0, 100.0]

@@ -25,8 +25,8 @@ This is the "when do they adopt it" signal that ALS (co-usage) and the context m
 
 Size limits: the pairwise weights are dense (``n_items``^2), so they are fitted up to
 ``max_pair_items`` features (default 500); a larger catalog keeps ``b`` and ``c`` only.
-At most ``max_cells`` (events x items) enter one fit: events are sampled (seeded) above
-that.
+At most about ``max_cells`` (choices x items) enter one fit: above that, whole users are
+sampled (seeded) until their choices reach the budget.
 """
 
 from __future__ import annotations
@@ -94,6 +94,64 @@ def fit_blend(
     return np.asarray(res.x, dtype=np.float64)
 
 
+#: L2 penalties tried by :func:`cv_blend`.
+BLEND_L2_GRID = (0.1, 1.0, 10.0, 100.0)
+
+
+def blend_nll(signals: np.ndarray, chosen: np.ndarray, blocked: np.ndarray, w: np.ndarray) -> float:
+    """Mean negative log likelihood per choice of the blend ``signals @ w``."""
+    rows = chosen.any(axis=1)
+    n_choices = int(chosen[rows].sum())
+    if not n_choices:
+        return float("nan")
+    x = np.nan_to_num(signals[rows], nan=0.0, posinf=0.0, neginf=0.0)
+    nll, _ = softmax_nll(x @ w, chosen[rows], blocked[rows])
+    return nll / n_choices
+
+
+def cv_blend(
+    signals: np.ndarray,
+    chosen: np.ndarray,
+    blocked: np.ndarray,
+    l2_grid: Sequence[float] = BLEND_L2_GRID,
+    folds: int = 5,
+    seed: int = 0,
+    max_rows: int = 2000,
+) -> tuple[np.ndarray, float, float, list[dict[str, float]]]:
+    """:func:`fit_blend` with its L2 penalty chosen by ``folds``-fold cross-validation
+    over rows (held-out log likelihood per choice), then refitted on every row.
+
+    Returns (weights, chosen l2, its cross-validated NLL per choice, table). Validation
+    windows are small (a few hundred adopters), so the penalty matters; the held-out
+    likelihood is also what :func:`featurerec.models.fit.fit_blends` compares to decide
+    whether an extra signal earns its place. At most ``max_rows`` rows with a choice are
+    used (a seeded sample): a handful of weights needs no more."""
+    rows = np.flatnonzero(chosen.any(axis=1))
+    if len(rows) > max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
+    signals, chosen, blocked = signals[rows], chosen[rows], blocked[rows]
+    rows = np.arange(len(rows))
+    fold = np.random.default_rng(seed).permutation(len(rows)) % max(2, folds)
+    table = []
+    best = (float("inf"), float(l2_grid[0]))
+    for l2 in l2_grid:
+        total, count = 0.0, 0
+        for f in range(max(2, folds)):
+            test, train = rows[fold == f], rows[fold != f]
+            if not len(test) or not len(train):
+                continue
+            w = fit_blend(signals[train], chosen[train], blocked[train], l2=l2)
+            n = int(chosen[test].sum())
+            total += blend_nll(signals[test], chosen[test], blocked[test], w) * n
+            count += n
+        cv = total / count if count else float("inf")
+        table.append({"l2": float(l2), "cv_nll": round(cv, 5)})
+        if cv < best[0] - 1e-12:
+            best = (cv, float(l2))
+    w = fit_blend(signals, chosen, blocked, l2=best[1])
+    return w, best[1], best[0], table
+
+
 class AdoptionModel:
     """Conditional logit of the next adopted feature (see the module docstring)."""
 
@@ -105,7 +163,7 @@ class AdoptionModel:
         l2_pair: float = 1.0,
         new_account_days: int = 7,
         max_pair_items: int = 500,
-        max_cells: int = 5_000_000,
+        max_cells: int = 1_000_000,
         chunk_cells: int = 4_000_000,
         seed: int = 0,
     ) -> None:
@@ -129,8 +187,13 @@ class AdoptionModel:
         return self.W.size > 0
 
     # -- data ---------------------------------------------------------------------------
-    def _choices(self, data: TrainingData) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray] | None:
-        """(used-before (E, n) CSR, chosen item (E,), new account (E,)) per adoption."""
+    def _choices(
+        self, data: TrainingData, cap: int | None = None
+    ) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray] | None:
+        """(used-before (E, n) CSR, chosen item (E,), new account (E,)) per adoption.
+
+        With ``cap``, users are taken in a seeded random order until their adoptions reach
+        ``cap`` (whole users, so each kept user's sequence stays complete)."""
         if data.first_used is None or data.first_used.nnz == 0:
             return None
         fu = sp.csr_matrix(data.first_used)
@@ -143,10 +206,14 @@ class AdoptionModel:
         chosen: list[np.ndarray] = []
         new: list[np.ndarray] = []
         e = 0
-        for r in range(m.shape[0]):
+        per_user = np.diff(at.indptr)
+        order = np.flatnonzero(per_user)
+        if cap is not None and per_user.sum() > cap:
+            order = np.random.default_rng(self.seed).permutation(order)
+            take = int(np.searchsorted(np.cumsum(per_user[order]), cap)) + 1
+            order = np.sort(order[:take])
+        for r in order:
             s, t = at.indptr[r], at.indptr[r + 1]
-            if s == t:
-                continue
             items = at.indices[s:t]
             days = at.data[s:t]
             used = m.indices[m.indptr[r] : m.indptr[r + 1]]
@@ -181,15 +248,11 @@ class AdoptionModel:
         self.b, self.c = np.zeros(n), np.zeros(n)
         self.W = np.zeros((n, n)) if n <= self.max_pair_items else np.zeros((0, 0))
         self.choices = 0
-        got = self._choices(data)
+        got = self._choices(data, cap=max(1000, self.max_cells // n))
         if got is None:
             log.info("adoption model: no first uses in the window; it scores every item 0")
             return self
         used, item, new = got
-        cap = max(1000, self.max_cells // n)
-        if len(item) > cap:
-            keep = np.sort(np.random.default_rng(self.seed).choice(len(item), cap, replace=False))
-            used, item, new = used[keep], item[keep], new[keep]
         self.choices = len(item)
         self._optimise(used.tocsr(), item, new)
         return self
@@ -233,7 +296,7 @@ class AdoptionModel:
             return obj, np.concatenate(grads)
 
         res = so.minimize(
-            f, np.zeros(2 * n + n_w), jac=True, method="L-BFGS-B", options={"maxiter": 300}
+            f, np.zeros(2 * n + n_w), jac=True, method="L-BFGS-B", options={"maxiter": 200}
         )
         b, W, c = unpack(np.asarray(res.x))
         self.b, self.c = b.copy(), c.copy()

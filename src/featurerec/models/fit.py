@@ -34,7 +34,7 @@ import scipy.sparse as sp
 
 from featurerec.errors import ModelError
 from featurerec.evaluation.metrics import ndcg_at_k
-from featurerec.models.adoption import AdoptionModel, fit_blend
+from featurerec.models.adoption import AdoptionModel, cv_blend
 from featurerec.models.als import ALSParams, ALSScorer
 from featurerec.models.bandit import BanditParams, ContextualBandit
 from featurerec.models.base import TrainingData, UserState, top_k
@@ -47,6 +47,7 @@ from featurerec.models.strategies import (
     BLEND_SIGNALS,
     BundleConfig,
     ModelBundle,
+    ScoreCache,
     Strategy,
 )
 
@@ -78,8 +79,6 @@ class TrainConfig:
     validation_days: float = 7.0
     cold_start_max_events: int = 5
     n_candidates: int = 20
-    #: L2 penalty of the blend-weight fit (conditional logit on the validation window).
-    blend_l2: float = 1.0
     sequence_decay: float = 0.5
     #: Cap on users used for the search and the warm start (sampled, seeded).
     max_validation_users: int = 50_000
@@ -107,6 +106,8 @@ class TrainReport:
     search: list[dict[str, Any]] = field(default_factory=list)
     #: strategy -> {signal: weight}
     blend_weights: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: strategy -> cross-validated NLL per choice of each L2 penalty tried
+    blend_cv: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     #: strategy -> validation ndcg@5 of the fitted blend and of each signal alone
     blend_validation: dict[str, dict[str, float]] = field(default_factory=dict)
     arm_precision: dict[str, float] = field(default_factory=dict)
@@ -327,10 +328,11 @@ def calibrate_blends(bundle: ModelBundle, data: TrainingData, seed: int = 0) -> 
     weights are set) on a sample of ``data``'s users."""
     if bundle.als is None:
         return
-    rows = _sample_rows(np.arange(len(data.users)), 20_000, seed)
+    rows = _sample_rows(np.arange(len(data.users)), 5_000, seed)
     states = data.user_states([data.users[i] for i in rows])
+    cache = ScoreCache(bundle, states)
     for name in BANDIT_STRATEGIES:
-        raw = Strategy(name, bundle).blend_raw(states)
+        raw = Strategy(name, bundle).blend_raw(states, cache)
         bundle.calibrators[name] = Calibrator.fit(raw, seed=seed)
 
 
@@ -339,31 +341,46 @@ def fit_blends(
     states: list[UserState],
     excl: np.ndarray,
     targets: np.ndarray,
-    l2: float = 1.0,
+    seed: int = 0,
     report: TrainReport | None = None,
 ) -> None:
-    """Fit the hybrid / sequence_aware blend weights on validation adopters (conditional
-    logit of the features each adopted against the ones they did not) and set them in
-    ``bundle.config``; the report gets the weights and the validation ndcg@5 of the blend
-    and of each signal alone (in-sample for the blend: the fit saw these users)."""
+    """Fit the hybrid / sequence_aware blend weights on validation adopters and set them
+    in ``bundle.config``.
+
+    Each blend is a conditional logit of the features each adopter adopted against the
+    ones they did not, its L2 penalty chosen by 5-fold cross-validation
+    (:func:`featurerec.models.adoption.cv_blend`). sequence_aware adds the transition
+    signal to hybrid's; it keeps it only when that lowers the cross-validated NLL, and
+    otherwise uses hybrid's weights with transition weight 0 (the two then rank alike).
+    The report gets the weights, the cross-validation tables and the validation ndcg@5 of
+    each blend and of each signal alone (in-sample for the blends)."""
+    chosen = targets & ~excl
+    cache = ScoreCache(bundle, states)
+    fitted: dict[str, tuple[np.ndarray, float, np.ndarray]] = {}
     for name in BANDIT_STRATEGIES:
-        strat = Strategy(name, bundle)
-        x = strat.blend_signals(states)
-        w = fit_blend(x, targets & ~excl, excl, l2=l2)
-        weights = tuple(float(v) for v in w)
-        if name == "hybrid":
-            bundle.config = replace(bundle.config, hybrid_weights=weights)
-        else:
-            bundle.config = replace(bundle.config, sequence_weights=weights)
+        x = Strategy(name, bundle).blend_signals(states, cache)
+        w, _l2, cv, table = cv_blend(x, chosen, excl, seed=seed)
+        fitted[name] = (w, cv, x)
         if report is not None:
-            sig = BLEND_SIGNALS[name]
-            report.blend_weights[name] = {
-                s: round(float(v), 4) for s, v in zip(sig, w, strict=True)
-            }
-            val = {"blend": round(_ndcg(x @ w, excl, targets), 4)}
-            for i, s in enumerate(sig):
-                val[s] = round(_ndcg(x[:, :, i], excl, targets), 4)
-            report.blend_validation[name] = val
+            report.blend_cv[name] = table
+    h_w, h_cv, h_x = fitted["hybrid"]
+    s_w, s_cv, s_x = fitted["sequence_aware"]
+    if not s_cv < h_cv:
+        s_w = np.append(h_w, 0.0)
+    bundle.config = replace(
+        bundle.config,
+        hybrid_weights=tuple(float(v) for v in h_w),
+        sequence_weights=tuple(float(v) for v in s_w),
+    )
+    if report is None:
+        return
+    for name, w, x in (("hybrid", h_w, h_x), ("sequence_aware", s_w, s_x)):
+        sig = BLEND_SIGNALS[name]
+        report.blend_weights[name] = {s: round(float(v), 4) for s, v in zip(sig, w, strict=True)}
+        val = {"blend": round(_ndcg(x @ w, excl, targets), 4)}
+        for i, s in enumerate(sig):
+            val[s] = round(_ndcg(x[:, :, i], excl, targets), 4)
+        report.blend_validation[name] = val
 
 
 #: (arm_precision, context_precision) settings tried by the warm start's cross-validation.
@@ -437,13 +454,14 @@ def warm_start_bandits(
     states = split.pre.user_states([split.pre.users[i] for i in rows])
     targets = split.targets[rows]
     fold = np.random.default_rng(seed).random(len(rows)) < 0.5
+    cache = ScoreCache(bundle, states)  # component scores shared by both strategies
     n_rows = 0
     for name in BANDIT_STRATEGIES:
         bandit = bundle.bandits[name]
         strat = bundle.strategy(name)
-        ids, scores = strat.candidates(states, bundle.config.n_candidates)
+        ids, scores = strat.candidates(states, bundle.config.n_candidates, cache=cache)
         valid = ids >= 0
-        sig = strat.signals(states, ids, np.where(valid, scores, 0.0))
+        sig = strat.signals(states, ids, np.where(valid, scores, 0.0), cache=cache)
         x = bandit.features(states, sig)  # (n, c, d)
         r_idx, c_idx = np.nonzero(valid)
         item = ids[r_idx, c_idx]
@@ -512,7 +530,7 @@ def train_bundle(
 
         states = split.pre.user_states([split.pre.users[i] for i in rows])
         excl = adopted_mask(states, pre_bundle.space)
-        fit_blends(pre_bundle, states, excl, split.targets[rows], config.blend_l2, report)
+        fit_blends(pre_bundle, states, excl, split.targets[rows], config.seed, report)
         calibrate_blends(pre_bundle, split.pre, config.seed)
         report.warm_start_rows = warm_start_bandits(
             pre_bundle, split, config.bandit, config.seed, config.max_validation_users, report

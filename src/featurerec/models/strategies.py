@@ -326,9 +326,13 @@ class ScoreCache:
         history): (n, n_items)."""
         if name not in self._c:
             b, u = self.bundle, self.users
-            if name == "als":
+            if name == "als_factors":
                 assert b.als is not None
-                out = b.calibrated("als", b.als.score(u))
+                out = b.als.user_factors(u)
+            elif name == "als":
+                assert b.als is not None
+                raw = self.get("als_factors") @ np.asarray(b.als.item_factors).T
+                out = b.calibrated("als", raw.astype(np.float32))
             elif name == "context_raw":
                 out = b.context.score(u)
             elif name == "context":
@@ -468,7 +472,8 @@ class Strategy:
         b = self.bundle
         assert b.als is not None and b.index is not None
         n = len(users)
-        uf = b.als.user_factors(users)
+        cache = cache or self.cache(users)
+        uf = cache.get("als_factors")
         cand, _ = b.index.search(uf, max(k, b.config.n_candidates), exclude)
         full = self.full_scores(users, cache)
         safe = np.maximum(cand, 0)
