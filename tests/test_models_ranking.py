@@ -365,3 +365,36 @@ def test_bundle_config_rejects_wrong_weights() -> None:
         BundleConfig(hybrid_weights=(1.0, 2.0))
     with pytest.raises(ModelError, match="sequence_aware weights"):
         BundleConfig(sequence_weights=(1.0, float("nan"), 0.0, 0.0))
+
+
+def test_identical_als_searches_run_once_also_concurrently(
+    data: TrainingData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from featurerec.models import fit
+
+    split = validation_split(data, 7.0)
+    assert split is not None
+    calls: list[int] = []
+    real = fit.run_als_search
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fit, "run_als_search", counting)
+    grid = (ALSParams(4, 1.0, 3, 10.0), ALSParams(2, 0.5, 3, 5.0))
+    results: list[object] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(fit.search_als(split, grid, seed=7)))
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and results[0] == results[1]
+    # other inputs (another seed) are another search
+    fit.search_als(split, grid, seed=8)
+    assert len(calls) == 2

@@ -24,7 +24,10 @@ Steps (all seeded, all from the same data, no SQL):
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -236,7 +239,58 @@ def _ndcg(scores: np.ndarray, exclude: np.ndarray, targets: np.ndarray, k: int =
     return float(ndcg_at_k(ids, targets, k).mean()) if len(ids) else 0.0
 
 
+#: Results of recent ALS searches in this process, by a digest of their inputs (see
+#: :func:`search_als`), and one lock per digest so a concurrent identical search waits.
+_SEARCHES: OrderedDict[str, tuple[ALSParams, list[dict[str, Any]]]] = OrderedDict()
+_SEARCH_LOCKS: dict[str, threading.Lock] = {}
+_SEARCH_GUARD = threading.Lock()
+_SEARCH_MEMO_SIZE = 4
+
+
+def _search_digest(split: ValidationSplit, *args: Any) -> str:
+    """A digest of everything :func:`search_als`'s result depends on."""
+    h = hashlib.blake2b(digest_size=20)
+    m = sp.csr_matrix(split.pre.matrix)
+    for arr in (m.indptr, m.indices, m.data, np.packbits(split.targets)):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update("\x1f".join(split.pre.users).encode())
+    h.update("\x1f".join(split.pre.features).encode())
+    h.update(repr((m.shape, split.targets.shape, args)).encode())
+    return h.hexdigest()
+
+
 def search_als(
+    split: ValidationSplit,
+    grid: Sequence[ALSParams],
+    seed: int = 0,
+    max_users: int = 50_000,
+    progress: Progress | None = None,
+    fit_users: int | None = None,
+) -> tuple[ALSParams, list[dict[str, Any]]]:
+    """:func:`run_als_search`, memoised within the process: the search is deterministic,
+    and the daily pipeline's matrix-factorisation and bandit stages run it on the same
+    data at the same time; the second one waits for the first and reuses its result."""
+    key = _search_digest(split, tuple(grid), seed, max_users, fit_users)
+    with _SEARCH_GUARD:
+        lock = _SEARCH_LOCKS.setdefault(key, threading.Lock())
+    with lock:
+        with _SEARCH_GUARD:
+            hit = _SEARCHES.get(key)
+        if hit is not None:
+            log.info("ALS search: reusing the result of an identical search in this process")
+            if progress:
+                progress(1, 1, "ALS search (reused)")
+            return hit[0], [dict(r) for r in hit[1]]
+        out = run_als_search(split, grid, seed, max_users, progress, fit_users)
+        with _SEARCH_GUARD:
+            _SEARCHES[key] = (out[0], [dict(r) for r in out[1]])
+            while len(_SEARCHES) > _SEARCH_MEMO_SIZE:
+                old, _ = _SEARCHES.popitem(last=False)
+                _SEARCH_LOCKS.pop(old, None)
+        return out
+
+
+def run_als_search(
     split: ValidationSplit,
     grid: Sequence[ALSParams],
     seed: int = 0,
