@@ -130,3 +130,6 @@ def test_cv_blend_penalises_noise_more_than_signal() -> None:
     assert w_s[0] > 1.5 and abs(w_n).max() < 0.3
     assert cv_s < cv_n <= np.log(m) + 0.05  # noise: about the uniform model's NLL
     assert [r["l2"] for r in table] == [0.1, 1.0, 10.0, 100.0]
+    _, _, _, noise_table = cv_blend(x, noise, blocked)
+    best_strong = max(r["cv_ndcg@5"] for r in table)
+    assert best_strong > 0.6 > max(r["cv_ndcg@5"] for r in noise_table)

@@ -398,3 +398,21 @@ def test_identical_als_searches_run_once_also_concurrently(
     # other inputs (another seed) are another search
     fit.search_als(split, grid, seed=8)
     assert len(calls) == 2
+
+
+def test_validation_split_uses_recent_features_as_of_the_cut(data: TrainingData) -> None:
+    from dataclasses import replace
+
+    cut = float(data.first_used.data.max()) - 7.0  # type: ignore[union-attr]
+    u0, u1 = data.users[0], data.users[1]
+    pre_recent = {u0: ("feature_11", "feature_03"), u1: ("feature_05",)}
+    d = replace(data, pre_transitions={}, pre_transitions_cut=cut, pre_recent=pre_recent)
+    split = validation_split(d, 7.0)
+    assert split is not None and split.pre.pre_recent is None
+    row = {f for f in split.pre.user_states([u0])[0].interactions}
+    # as of the cut, limited to features the user had before it
+    assert split.pre.recent[u0] == tuple(f for f in pre_recent[u0] if f in row)
+    assert split.pre.recent[data.users[2]] == ()
+    # without a matching cut, the as-of recent features (filtered) are kept
+    other = validation_split(replace(d, pre_transitions_cut=cut - 1), 7.0)
+    assert other is not None and other.pre.recent != split.pre.recent

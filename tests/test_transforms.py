@@ -310,6 +310,19 @@ def test_recent_features(db):
     }
 
 
+def test_recent_features_at_an_earlier_cut(db):
+    from featurerec.models.data import _recent_at
+
+    cut = datetime(2026, 2, 27, 23, 59)
+    cut_day = (cut - datetime(1970, 1, 1)).total_seconds() / 86_400
+    got = _recent_at(db, _settings(recent_features=2), cut_day)
+    # most recent last; u1's uses on 02-28 and 03-01 are after the cut
+    assert got["u1"] == ("kanban",)
+    assert got["u2"] == ("kanban", "automations")
+    assert got["u6"] == ("kanban", "automations")
+    assert "u1" in got and all(len(v) <= 2 for v in got.values())
+
+
 # -- collaborative signal -------------------------------------------------------------------
 def _brute_jaccard(X: np.ndarray, min_shared: int, k: int) -> set[tuple]:
     out = set()
@@ -430,7 +443,9 @@ def test_single_feature_world():
 
 
 # -- portability ----------------------------------------------------------------------------
-@pytest.mark.parametrize("name", [*TRANSFORMS, "user_strong_features.sql"])
+@pytest.mark.parametrize(
+    "name", [*TRANSFORMS, "user_strong_features.sql", "user_recent_features_at.sql"]
+)
 @pytest.mark.parametrize("dialect", ["spark", "trino"])
 def test_sql_transpiles(name, dialect):
     sql = load_sql(name)

@@ -109,6 +109,17 @@ def blend_nll(signals: np.ndarray, chosen: np.ndarray, blocked: np.ndarray, w: n
     return nll / n_choices
 
 
+def _ndcg_sum(scores: np.ndarray, chosen: np.ndarray, blocked: np.ndarray) -> float:
+    """Sum over rows of ndcg@5 of ``scores`` (blocked items never ranked)."""
+    from featurerec.evaluation.metrics import ndcg_at_k
+
+    s = np.where(blocked, -np.inf, np.nan_to_num(scores, nan=-np.inf))
+    k = min(5, s.shape[1])
+    top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    top = np.where(np.take_along_axis(np.isfinite(s), top, axis=1), top, -1)
+    return float(ndcg_at_k(top, chosen, 5).sum())
+
+
 def cv_blend(
     signals: np.ndarray,
     chosen: np.ndarray,
@@ -121,10 +132,11 @@ def cv_blend(
     """:func:`fit_blend` with its L2 penalty chosen by ``folds``-fold cross-validation
     over rows (held-out log likelihood per choice), then refitted on every row.
 
-    Returns (weights, chosen l2, its cross-validated NLL per choice, table). Validation
-    windows are small (a few hundred adopters), so the penalty matters; the held-out
-    likelihood is also what :func:`featurerec.models.fit.fit_blends` compares to decide
-    whether an extra signal earns its place. At most ``max_rows`` rows with a choice are
+    Returns (weights, chosen l2, its cross-validated NLL per choice, table); the table
+    also has each penalty's cross-validated ndcg@5 (what
+    :func:`featurerec.models.fit.fit_blends` compares to decide whether an extra signal
+    earns its place). Validation windows are small (a few hundred adopters), so the
+    penalty matters. At most ``max_rows`` rows with a choice are
     used (a seeded sample): a handful of weights needs no more."""
     rows = np.flatnonzero(chosen.any(axis=1))
     if len(rows) > max_rows:
@@ -135,7 +147,7 @@ def cv_blend(
     table = []
     best = (float("inf"), float(l2_grid[0]))
     for l2 in l2_grid:
-        total, count = 0.0, 0
+        total, count, ndcg_sum = 0.0, 0, 0.0
         for f in range(max(2, folds)):
             test, train = rows[fold == f], rows[fold != f]
             if not len(test) or not len(train):
@@ -144,8 +156,15 @@ def cv_blend(
             n = int(chosen[test].sum())
             total += blend_nll(signals[test], chosen[test], blocked[test], w) * n
             count += n
+            ndcg_sum += _ndcg_sum(signals[test] @ w, chosen[test], blocked[test])
         cv = total / count if count else float("inf")
-        table.append({"l2": float(l2), "cv_nll": round(cv, 5)})
+        table.append(
+            {
+                "l2": float(l2),
+                "cv_nll": round(cv, 5),
+                "cv_ndcg@5": round(ndcg_sum / max(len(rows), 1), 5),
+            }
+        )
         if cv < best[0] - 1e-12:
             best = (cv, float(l2))
     w = fit_blend(signals, chosen, blocked, l2=best[1])

@@ -99,6 +99,9 @@ class TrainingData:
     #: transitions from after the cut.
     pre_transitions: dict[tuple[str, str], float] | None = None
     pre_transitions_cut: float | None = None
+    #: Optional: each user's recent features as of ``pre_transitions_cut`` (same cut), so
+    #: the validation split's sequence signal does not see uses after the cut.
+    pre_recent: dict[str, tuple[str, ...]] | None = None
 
     def user_states(self, user_ids: Sequence[str] | None = None) -> list[UserState]:
         ids = self.users if user_ids is None else list(user_ids)

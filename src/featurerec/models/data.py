@@ -149,12 +149,14 @@ def load_training_data(
         )
     adopted_at = None
     pre_transitions = None
+    pre_recent = None
     pre_cut = None
     if _exists(engine, "events"):
         adopted_at = _flagged_first_uses(engine, settings, as_of, users, features)
         if validation_days is not None and first_used.nnz:
             pre_cut = float(first_used.data.max()) - float(validation_days)
             pre_transitions = _transitions_at(engine, settings, pre_cut)
+            pre_recent = _recent_at(engine, settings, pre_cut)
     return TrainingData(
         users=users,
         features=features,
@@ -168,6 +170,7 @@ def load_training_data(
         adopted_at=adopted_at,
         pre_transitions=pre_transitions,
         pre_transitions_cut=pre_cut,
+        pre_recent=pre_recent,
     )
 
 
@@ -196,6 +199,26 @@ def _transitions_at(engine: Any, settings: Any, cut_day: float) -> dict[tuple[st
             strict=True,
         )
     }
+
+
+def _recent_at(engine: Any, settings: Any, cut_day: float) -> dict[str, tuple[str, ...]]:
+    """Each user's recent distinct features (most recent last) as of ``cut_day``."""
+    from featurerec.warehouse.engine import load_sql
+
+    w = getattr(settings, "windows", None)
+    cut = (_EPOCH + np.timedelta64(round(cut_day * 86_400e6), "us")).astype(datetime)
+    tbl = engine.query_arrow(
+        load_sql("user_recent_features_at.sql"),
+        {
+            "as_of": cut,
+            "days": int(getattr(w, "interaction_days", 90)),
+            "n": int(getattr(w, "recent_features", 5)),
+        },
+    )
+    acc: dict[str, list[str]] = {}
+    for u, f in zip(tbl["user_id"].to_pylist(), tbl["feature"].to_pylist(), strict=True):
+        acc.setdefault(str(u), []).append(str(f))
+    return {u: tuple(v) for u, v in acc.items()}
 
 
 def _flagged_first_uses(
