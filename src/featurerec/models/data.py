@@ -174,16 +174,22 @@ def load_training_data(
     )
 
 
-def _transitions_at(engine: Any, settings: Any, cut_day: float) -> dict[tuple[str, str], float]:
-    """Transition probabilities for the window ending at ``cut_day`` (epoch days)."""
+def _query_at(engine: Any, sql_file: str, cut_day: float, params: dict[str, int]) -> Any:
+    """Run ``sql_file`` with ``$as_of`` = ``cut_day`` (epoch days) and ``params``."""
     from featurerec.warehouse.engine import load_sql
 
-    w = getattr(settings, "windows", None)
     cut = (_EPOCH + np.timedelta64(round(cut_day * 86_400e6), "us")).astype(datetime)
-    tbl = engine.query_arrow(
-        load_sql("feature_transitions.sql"),
+    return engine.query_arrow(load_sql(sql_file), {"as_of": cut, **params})
+
+
+def _transitions_at(engine: Any, settings: Any, cut_day: float) -> dict[tuple[str, str], float]:
+    """Transition probabilities for the window ending at ``cut_day`` (epoch days)."""
+    w = getattr(settings, "windows", None)
+    tbl = _query_at(
+        engine,
+        "feature_transitions.sql",
+        cut_day,
         {
-            "as_of": cut,
             "days": int(getattr(w, "transition_days", 30)),
             "min_count": int(getattr(w, "min_transition_count", 50)),
         },
@@ -203,14 +209,12 @@ def _transitions_at(engine: Any, settings: Any, cut_day: float) -> dict[tuple[st
 
 def _recent_at(engine: Any, settings: Any, cut_day: float) -> dict[str, tuple[str, ...]]:
     """Each user's recent distinct features (most recent last) as of ``cut_day``."""
-    from featurerec.warehouse.engine import load_sql
-
     w = getattr(settings, "windows", None)
-    cut = (_EPOCH + np.timedelta64(round(cut_day * 86_400e6), "us")).astype(datetime)
-    tbl = engine.query_arrow(
-        load_sql("user_recent_features_at.sql"),
+    tbl = _query_at(
+        engine,
+        "user_recent_features_at.sql",
+        cut_day,
         {
-            "as_of": cut,
             "days": int(getattr(w, "interaction_days", 90)),
             "n": int(getattr(w, "recent_features", 5)),
         },

@@ -955,6 +955,14 @@ def _per_round_dist(d: np.ndarray, position: np.ndarray, n_items: int) -> np.nda
 
 
 # -- output ---------------------------------------------------------------------------------------
+def _interval(lo: float | None, hi: float | None) -> str:
+    return "" if lo is None or hi is None else f"[{lo:.3f}, {hi:.3f}]"
+
+
+def _yes_no(flag: bool | None) -> str:
+    return "" if flag is None else ("yes" if flag else "no")
+
+
 def result_tables(result: OnlineResult) -> dict[str, list[dict[str, Any]]]:
     """The spec's results tables (strategy, placement), cold start vs random, OPE vs online."""
     rep = result.report
@@ -1004,24 +1012,14 @@ def result_tables(result: OnlineResult) -> dict[str, list[dict[str, Any]]]:
             "metric": o.metric,
             "estimator": o.estimator,
             "OPE before": o.estimate,
-            "OPE 95% CI": "" if o.ci_low is None else f"[{o.ci_low:.3f}, {o.ci_high:.3f}]",
+            "OPE 95% CI": _interval(o.ci_low, o.ci_high),
             "online": o.online,
-            "online 95% CI": ""
-            if o.online_ci_low is None
-            else f"[{o.online_ci_low:.3f}, {o.online_ci_high:.3f}]",
-            "OPE inside online CI": ""
-            if o.inside_online_ci is None
-            else ("yes" if o.inside_online_ci else "no"),
-            "online inside OPE CI": ""
-            if o.online_inside_ope_ci is None
-            else ("yes" if o.online_inside_ope_ci else "no"),
+            "online 95% CI": _interval(o.online_ci_low, o.online_ci_high),
+            "OPE inside online CI": _yes_no(o.inside_online_ci),
+            "online inside OPE CI": _yes_no(o.online_inside_ope_ci),
             "online (frozen policy)": o.frozen_online,
-            "frozen 95% CI": ""
-            if o.frozen_ci_low is None
-            else f"[{o.frozen_ci_low:.3f}, {o.frozen_ci_high:.3f}]",
-            "OPE inside frozen CI": ""
-            if o.inside_frozen_ci is None
-            else ("yes" if o.inside_frozen_ci else "no"),
+            "frozen 95% CI": _interval(o.frozen_ci_low, o.frozen_ci_high),
+            "OPE inside frozen CI": _yes_no(o.inside_frozen_ci),
             "p (OPE = online)": o.p_online,
             "p (OPE = frozen)": o.p_frozen,
             "ESS": None if o.effective_sample_size is None else round(o.effective_sample_size),

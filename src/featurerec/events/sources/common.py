@@ -224,7 +224,7 @@ def merge_traits_rows(existing: pa.Table, update: pa.Table) -> pa.Table:
         row = dict(prev)
         for k, v in new.items():
             if k == "traits":
-                merged = {**_loads(prev.get("traits")), **_loads(v)}
+                merged = {**json_object(prev.get("traits")), **json_object(v)}
                 row[k] = orjson.dumps(merged, default=str).decode() if merged else None
             elif v is not None:
                 row[k] = v
@@ -232,7 +232,8 @@ def merge_traits_rows(existing: pa.Table, update: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(out, schema=update.schema)
 
 
-def _loads(text: str | None) -> dict[str, Any]:
+def json_object(text: Any) -> dict[str, Any]:
+    """A JSON object from ``text``; {} when it is empty, not JSON or not an object."""
     if not text:
         return {}
     try:

@@ -65,6 +65,7 @@ from featurerec.events.sources.common import (
     RowChanges,
     SourceState,
     SourceUnavailable,
+    json_object,
     key_schema,
     utcnow,
     warehouse_schema,
@@ -482,20 +483,10 @@ def _fill_unchanged(row: dict[str, Any], prev: dict[str, Any]) -> dict[str, Any]
     still = missing & set(prev.get("__unchanged__", ()))
     for col in missing - still:
         if col == "traits" and out.get("traits") is not None:
-            merged = {**_json_obj(prev.get("traits")), **_json_obj(out["traits"])}
+            merged = {**json_object(prev.get("traits")), **json_object(out["traits"])}
             out["traits"] = orjson.dumps(merged).decode()
         else:
             out[col] = prev.get(col)
     if still:
         out["__unchanged__"] = still
     return out
-
-
-def _json_obj(text: Any) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
