@@ -340,25 +340,6 @@ class AdoptionModel:
                     out[r] += self.W[used].sum(axis=0)
         return out.astype(np.float32)
 
-    def top_drivers(self, users: Sequence[UserState], item_ids: np.ndarray) -> np.ndarray:
-        """(n, k) id of the used feature whose pairwise weight most raises each item, -1
-        when none raises it (for reasons)."""
-        out = np.full(item_ids.shape, -1, dtype=np.int64)
-        if not self.pairwise:
-            return out
-        idx = self.space.index
-        for r, u in enumerate(users):
-            used = np.array([idx[f] for f in u.interactions if f in idx], dtype=np.int64)
-            if not len(used):
-                continue
-            for c, j in enumerate(item_ids[r]):
-                if j < 0:
-                    continue
-                w = self.W[used, j]
-                if w.max() > 0:
-                    out[r, c] = used[int(np.argmax(w))]
-        return out
-
     # -- persistence --------------------------------------------------------------------
     def save(self, path: Path) -> None:
         write_artifact(

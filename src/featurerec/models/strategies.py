@@ -293,8 +293,7 @@ def load_bundle(
 
 
 def _config_from_meta(raw: dict[str, Any]) -> BundleConfig:
-    known = {f for f in BundleConfig.__dataclass_fields__}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - set(BundleConfig.__dataclass_fields__))
     if unknown:
         raise ModelError(
             f"ranker artifact: config keys {unknown} are not known to this version "
