@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -216,24 +214,34 @@ class _CommitFails:
 def test_sigterm_finishes_batch_and_commits(settings: Settings, broker: str) -> None:
     topic = "segment.cloudflow.events.term"
     _produce(broker, [(topic, _event(i)) for i in range(50)])
-    writer = DedupeWriter(settings)
-    ingest = _ingest(settings, broker, "g-term", writer, topic_pattern=f"^{topic}$")
+
+    class TermDuringFirstWrite(DedupeWriter):
+        """SIGTERM arrives while the first batch is being written (deterministically)."""
+
+        def __call__(self, batch: Any) -> None:
+            if self.calls == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+            super().__call__(batch)
+
+    writer = TermDuringFirstWrite(settings)
+    # batches of at most 10, so the restart below always has work
+    ingest = _ingest(settings, broker, "g-term", writer, topic_pattern=f"^{topic}$", batch_size=10)
     old = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     ingest.install_signal_handlers()
-
-    def term_when_done() -> None:
-        deadline = time.time() + 20
-        while writer.calls == 0 and time.time() < deadline:
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=term_when_done, daemon=True).start()
     try:
-        progress = ingest.run()  # no idle timeout: only SIGTERM ends it
+        progress = ingest.run(idle_timeout=30)  # ends at once on SIGTERM, else reads all 50
     finally:
         signal.signal(signal.SIGTERM, old[0])
         signal.signal(signal.SIGINT, old[1])
-    assert progress.consumed == 50 and writer.count() == 50
+    # the batch in flight when SIGTERM came is written and committed, and no other is read
+    first = progress.consumed
+    assert writer.calls == 1 and 0 < first <= 10 and writer.count() == first
+    assert _committed(broker, "g-term", [topic]) == first
+    # a restart in the same group picks up exactly where the commit left off
+    restarted = _ingest(settings, broker, "g-term", writer, topic_pattern=f"^{topic}$")
+    rest = restarted.run(max_messages=50 - first, idle_timeout=10)
+    assert rest.consumed == 50 - first
+    assert writer.count() == 50 and writer.duplicates == 0
     assert _committed(broker, "g-term", [topic]) == 50
 
 
