@@ -5,6 +5,7 @@ figures, the results tables, the share of variants whose pre-run OPE estimate fa
 the online 95% interval, and machine facts (cores, load average, date).
 
     .venv/bin/python benchmarks/bench_online.py [--users N] [--retrain-every D] [--quick]
+        [--logging-policy mixture|production] [--out PATH]
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ def main() -> int:
     ap.add_argument("--weeks", type=float, default=4)
     ap.add_argument("--retrain-every", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--logging-policy",
+        default="mixture",
+        choices=["mixture", "production"],
+        help="Warm-up logging policy (the OPE log); see simulate.online.OnlineConfig.",
+    )
+    ap.add_argument("--uniform-share", type=float, default=0.5)
     ap.add_argument("--spec", default="rec-personalization-strategy")
     ap.add_argument("--work", default="/tmp/featurerec-bench-online")
     ap.add_argument("--quick", action="store_true", help="Small smoke run (not the target).")
@@ -56,6 +64,8 @@ def main() -> int:
         retrain_every_days=args.retrain_every,
         seed=args.seed,
         ope_burn_in_days=args.burn_in,
+        logging_policy=args.logging_policy,
+        logging_uniform_share=args.uniform_share,
     )
     load_before = os.getloadavg()
     t0 = time.perf_counter()

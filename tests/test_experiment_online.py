@@ -4,6 +4,7 @@ serving (with the experiment's assignment), responses, attribution, report and O
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 
 import pytest
 
@@ -44,6 +45,26 @@ def test_online_experiment_runs_through_the_real_stack(tmp_path) -> None:
             assert r["variant"] == assign(spec, r["user_id"]).name
             assert 0 < r["propensity"] <= 1
             assert r["placement"] == "sidebar_panel"
+        # the warm-up (the OPE log) was served by the mixture logging policy: the variants'
+        # strategies and uniform random, each request logged with the mixture's propensity
+        # (the service's own propensity of the strategy that served was checked against
+        # the reconstruction on every served item)
+        warm = db.query_rows(
+            "SELECT strategy, propensity, request_id, generated_at FROM ml.recommendation_log "
+            "WHERE experiment IS NULL AND generated_at < $s",
+            {"s": exp.experiment_start},
+        )
+        assert {r["strategy"] for r in warm} >= {"random", "content_based", "collaborative_only"}
+        assert all(0 < r["propensity"] <= 1 for r in warm)
+        assert result.counts["logging_propensity_mismatch"] == 0
+        assert all(r["request_id"].startswith(f"sim{cfg.seed}-d") for r in warm)  # no uuid4
+        # OPE reads the whole warm-up log, the rounds uniform random served included
+        # (all but the last warm-up day's, whose responses come the next day)
+        last_day = exp.experiment_start - timedelta(days=1)
+        n_ope = sum(r["generated_at"] < last_day for r in warm)
+        assert n_ope > sum(r["generated_at"] < last_day and r["strategy"] != "random" for r in warm)
+        ctr_rows = [o for o in result.ope if o.metric == "click_through_rate"]
+        assert ctr_rows and all(o.n_logged == n_ope for o in ctr_rows)
         clicks = db.scalar("SELECT COUNT(*) FROM ml.recommendation_events WHERE kind = 'click'")
         assert clicks == result.counts["clicks"]
         fb = db.scalar("SELECT COUNT(*) FROM ml.recommendation_feedback")

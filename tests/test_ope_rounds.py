@@ -103,3 +103,17 @@ def test_consistency_uses_both_standard_errors() -> None:
     far = st.Estimate(0.060, 0.05, 0.07, 1000, "ips", 0.005)
     assert consistent(far, online)[1] is False
     assert consistent(st.Estimate(None, None, None, 0, "none"), online) == (None, None)
+
+
+def test_logging_rounds_leave_random_out_unless_the_logging_policy_mixes_it_in() -> None:
+    """A random holdout next to the production policy is not its log; a logging policy
+    that serves uniformly at random part of the time must be read whole."""
+    with _db() as db:
+        add_rec(db, "rand1", "wu0", "forms", d(1), strategy="random", propensity=0.2)
+        attribute(db, as_of=d(12))
+        production = load_rounds(db, as_of=d(12), logging=True)
+        mixture = load_rounds(db, as_of=d(12), logging=True, include_random=True)
+        variants = load_rounds(db, as_of=d(12), experiment="e", include_random=True)
+    assert "rand1" not in production.recommendation_id.tolist()
+    assert mixture.n == production.n + 1 and "rand1" in mixture.recommendation_id.tolist()
+    assert variants.n == 30  # experiment rounds: the logging options do not apply

@@ -86,11 +86,15 @@ def load_rounds(
     end: datetime | None = None,
     experiment: str | None = None,
     logging: bool = False,
+    include_random: bool = False,
 ) -> Rounds:
     """Rounds generated in [``start``, ``end``] (and by ``as_of``) of ``experiment`` (its
     variants), or with ``logging=True`` the rounds served outside any experiment by a
-    non-random strategy (the production policy whose log OPE reads). Run attribution as of
-    ``as_of`` first."""
+    non-random strategy (the production policy whose log OPE reads; a random holdout
+    served next to it is not part of it). With ``include_random=True`` rounds served by
+    the random strategy count too: a logging policy that serves uniformly at random part
+    of the time (its propensities are the mixture's) must be read whole, or OPE would see a
+    sample selected by which strategy served. Run attribution as of ``as_of`` first."""
     where = ["generated_at <= $as_of"]
     params: dict[str, Any] = {"as_of": as_of}
     if start is not None:
@@ -100,7 +104,9 @@ def load_rounds(
         where.append("generated_at <= $end")
         params["end"] = end
     if logging:
-        where.append("experiment IS NULL AND strategy <> 'random'")
+        where.append("experiment IS NULL")
+        if not include_random:
+            where.append("strategy <> 'random'")
     elif experiment is not None:
         where.append("experiment = $experiment AND variant IS NOT NULL")
         params["experiment"] = experiment

@@ -6,10 +6,22 @@
    INGEST's :class:`~featurerec.events.ingest.Ingestor` loads it into a new warehouse; PIPE's
    runner runs the daily pipeline (MODELS' trainers, SERVE's state export) and SERVE's loader
    builds the production model and the online state.
-2. **Warm-up** (``warmup_days``): every active user is served by the production default
-   strategy with the deployment's exploration (logged propensities). At its end, the OPE
-   estimate of each variant's CTR and 7-day adoption per recommendation is made from that
-   log after its first ``ope_burn_in_days`` (:mod:`featurerec.experiments.ope`, rewards from
+2. **Warm-up** (``warmup_days``): every active user is served by the warm-up's logging
+   policy, which by default (``logging_policy="mixture"``) is designed for OPE: each request
+   is served uniformly at random with probability ``logging_uniform_share`` (0.5), otherwise
+   by one of the experiment's variants' strategies drawn uniformly, with the deployment's
+   exploration; every served item is logged with the *mixture's* propensity (the
+   share-weighted sum of each mixed strategy's probability of showing that item at that
+   position, from the same score lookups the service made; the service's own propensity of
+   the strategy that served is checked against this reconstruction on every item). The
+   targets of the OPE are the models retrained at the warm-up's end, which agree with their
+   warm-up versions on only part of the slots (the bandit learns from the warm-up's
+   feedback), so the uniform share is what bounds the importance weights (by ~2 x the
+   number of candidates; with the production policy alone, eps = 0.1, they reach ~100).
+   ``logging_policy="production"`` serves the warm-up with the production default strategy
+   alone, as production would. At the warm-up's end, the OPE estimate of each variant's CTR
+   and 7-day adoption per recommendation is made from that log after its first
+   ``ope_burn_in_days`` (:mod:`featurerec.experiments.ope`, rewards from
    :mod:`featurerec.experiments.rounds`), before any user sees the variants.
 3. **Experiment** (``weeks`` x 7 days): each day SIM's world continues (``ChunkSim.step_day``);
    every active user asks SERVE's :class:`RecommendationService` (in-process, with the
@@ -35,6 +47,10 @@ Placements: ``sidebar_panel`` asks when the user starts their first session of t
 ``in_context_tooltip`` when they first use a feature that day (the request carries that
 feature as context); ``onboarding_wizard`` only in a user's first 7 days; ``email_digest``
 once a week for every signed-up user, active or not.
+
+Runs are reproducible from ``seed``: request ids (hence recommendation ids, which order
+rows downstream) are ``sim<seed>-d<day>-r<i>`` rather than uuid4, the daily score tables are
+built in sorted user order, and the mixture's draws come from the seed and the day.
 
 The world continues through SIM's :class:`~featurerec.simulate.state.WorldState`: a day is
 simulated with ``advance(1, exposures)``, where ``exposures`` are the recommendations served
@@ -72,6 +88,8 @@ PLACEMENT_CODES = ("sidebar_panel", "in_context_tooltip", "onboarding_wizard", "
 HOLDOUT_EXPERIMENT = "random-holdout"
 #: Cold start: fewer feature_used events than this when the recommendation is made.
 ONBOARDING_DAYS = 7
+#: Warm-up logging policies (``OnlineConfig.logging_policy``).
+LOGGING_POLICIES = ("mixture", "production")
 
 
 # -- config and results -----------------------------------------------------------------------
@@ -100,6 +118,16 @@ class OnlineConfig:
     #: adoption 0.064 / 0.055 / 0.049 on warm-up days 0-2, 0.043-0.047 from day 3 on and
     #: during the experiment).
     ope_burn_in_days: int = 3
+    #: Who serves the warm-up, whose log OPE reads: ``"mixture"``, a logging policy
+    #: designed for OPE (each request is served uniformly at random with probability
+    #: ``logging_uniform_share``, otherwise by a strategy drawn uniformly from the
+    #: experiment's variants' strategies, with the deployment's exploration; the propensity
+    #: logged is the mixture's), or ``"production"`` (the default strategy with the
+    #: deployment's exploration, as in production).
+    logging_policy: str = "mixture"
+    #: The uniform-random share of the ``"mixture"`` logging policy (the Open Bandit
+    #: Dataset's "Random" policy); the rest is split evenly between the variants' strategies.
+    logging_uniform_share: float = 0.5
 
     def __post_init__(self) -> None:
         if self.default_placement not in PLACEMENT_CODES:
@@ -112,6 +140,14 @@ class OnlineConfig:
             raise DataError(f"retrain_every_days must be >= 1 (got {self.retrain_every_days})")
         if self.ope_burn_in_days < 0:
             raise DataError(f"ope_burn_in_days must be >= 0 (got {self.ope_burn_in_days})")
+        if self.logging_policy not in LOGGING_POLICIES:
+            raise DataError(
+                f"logging_policy must be one of {LOGGING_POLICIES} (got {self.logging_policy!r})"
+            )
+        if not 0 <= self.logging_uniform_share <= 1:
+            raise DataError(
+                f"logging_uniform_share must be in [0, 1] (got {self.logging_uniform_share})"
+            )
 
 
 @dataclass(frozen=True)
@@ -219,7 +255,10 @@ class _Served:
 
 @dataclass
 class _LoggedContext:
-    """What the warm-up logging policy saw for one request (for OPE)."""
+    """What the warm-up logging policy saw for one request (for OPE): the user state and
+    eligibility mask, the served slate (model item ids, 0-based positions) and the logging
+    policy's propensity of each served item (the mixture's with ``logging_policy="mixture"``;
+    ``strategy`` is the strategy that served it)."""
 
     user: Any
     exclude: np.ndarray
@@ -227,6 +266,7 @@ class _LoggedContext:
     features: list[int]
     positions: list[int]
     propensities: list[float]
+    strategy: str = ""
 
 
 class OnlineExperiment:
@@ -363,8 +403,45 @@ class OnlineExperiment:
             ),
             "random": RecommendationService(random_settings, dep, state, model, clock=clock),
         }
+        if not hasattr(self, "experiment_start"):  # the warm-up's logging policy
+            self.logging_mixture = self._logging_mixture()
+        if not hasattr(self, "experiment_start") and self.cfg.logging_policy == "mixture":
+            for i, name in enumerate(self.logging_mixture):
+                serving = self.settings.serving
+                log_settings = self.settings.model_copy(
+                    update={"serving": serving.model_copy(
+                        update={"default_strategy": name, "seed": serving.seed + 1 + i})}
+                )  # fmt: skip
+                self.services[f"log:{name}"] = RecommendationService(
+                    log_settings, dep, state, model, clock=clock
+                )
         self.counts["retrains"] += 1
         self._time("reload", t0)
+
+    def _logging_mixture(self) -> dict[str, float]:
+        """The warm-up logging policy: served strategy -> probability that it serves a
+        request. ``"mixture"``: ``random`` (uniform over the eligible candidates) with
+        ``logging_uniform_share``, the rest split evenly between the distinct strategies the
+        experiment's variants serve (as the model names them), each with the deployment's
+        exploration; ``"production"``: the default strategy alone.
+
+        Why a mixture: OPE's importance weights are target / logging probabilities, so
+        each target needs logging mass where it puts its own. The variants' strategies put
+        it near the targets, but the targets are the models retrained at the end of the
+        warm-up (the bandit then learns from its feedback), which agree with their warm-up
+        versions on only part of the slots; the uniform share bounds every weight
+        (measured on a small run: expected effective sample size 0.16-0.47 of the rounds
+        per target, against 0.03-0.06 with the production policy)."""
+        default = self.model.strategy_name(self.settings.serving.default_strategy)
+        if self.cfg.logging_policy == "production":
+            return {default: 1.0}
+        names = sorted(
+            {self.model.strategy_name(v.resolved_strategy or default) for v in self.spec.variants}
+        )
+        uniform = self.cfg.logging_uniform_share if names != ["random"] else 1.0
+        mixture = {n: (1 - uniform) / len(names) for n in names}
+        mixture["random"] = mixture.get("random", 0.0) + uniform
+        return {n: w for n, w in sorted(mixture.items()) if w > 0}
 
     # ---------------------------------------------------------------------------------------
     def _requests(self, events: pa.Table, day: int) -> list[tuple[int, str, int, str | None]]:
@@ -432,23 +509,33 @@ class OnlineExperiment:
             r for r in self._requests(events, day) if r[2] == self._placement_for(r[1], phase)[1]
         ]
         requests.sort()
-        self._prewarm({r[1] for r in requests}, phase)
+        self._prewarm(sorted({r[1] for r in requests}), phase)
         served = _Served()
         log_rows: list[dict[str, Any]] = []
         contexts: list[_LoggedContext] = []
         mf = {f: j for j, f in enumerate(self.model.features)}
-        for ts_us, user_id, pcode, ctx_feature in requests:
+        mixture = phase == "warmup" and self.cfg.logging_policy == "mixture"
+        logged = phase == "warmup" and (self.cfg.ope or mixture)
+        # the mixture's draws: one strategy per request, from the seed and the day alone
+        draw = np.random.default_rng([self.cfg.seed, 0x10_66ED, day])
+        log_names = list(self.logging_mixture)
+        log_p = np.array(list(self.logging_mixture.values()))
+        for i, (ts_us, user_id, pcode, ctx_feature) in enumerate(requests):
             key, want = self._placement_for(user_id, phase)
             if pcode != want:
                 continue
+            if mixture:
+                key = f"log:{log_names[int(draw.choice(len(log_names), p=log_p))]}"
             svc = self.services[key]
             self.now = self._dt(ts_us)
             req = RecommendationRequest(
                 user_id,
                 placement=PLACEMENT_CODES[pcode],
                 context=RequestContext(feature=ctx_feature),
+                # deterministic ids (uuid4 otherwise): rows are ordered by them downstream
+                request_id=f"sim{self.cfg.seed}-d{day}-r{i}",
             )
-            if phase == "warmup" and self.cfg.ope:
+            if logged:
                 user_state, exclude = self._logging_context(svc, req)
             res = svc.recommend(req)
             self.counts["requests"] += 1
@@ -463,7 +550,7 @@ class OnlineExperiment:
                 served.placement.append(PLACEMENT_CODES[pcode])
                 served.shown_at.append(res.generated_at)
                 served.rec_id.append(item.recommendation_id)
-            if phase == "warmup" and self.cfg.ope:
+            if logged:
                 contexts.append(
                     _LoggedContext(
                         user_state,
@@ -472,8 +559,11 @@ class OnlineExperiment:
                         [mf[it.feature] for it in res.recommendations],
                         [it.position - 1 for it in res.recommendations],
                         [it.propensity for it in res.recommendations],
+                        res.strategy,
                     )
                 )
+        if mixture:
+            self._log_mixture_propensities(contexts, log_rows)
         self._time("serving", t0)
         self.logged_contexts.extend(contexts)
         # Only features the world knows can be shown to its users.
@@ -509,7 +599,7 @@ class OnlineExperiment:
         self.day += 1
         _ = epoch_seconds  # (dismissals reach the state in _take_responses)
 
-    def _prewarm(self, user_ids: set[str], phase: str) -> None:
+    def _prewarm(self, user_ids: list[str], phase: str) -> None:
         """Serve today from a copy of the production model whose score tables hold today's
         requesting users as they are now (one batch), so a request never computes one user's
         scores alone. Same bundle, same rankings (SERVE's fast path is exact); it only keeps
@@ -521,14 +611,64 @@ class OnlineExperiment:
         rows = [self.state.row_of(u) for u in user_ids]
         states = [self.state.user_state(r) for r in rows if r is not None]
         names = {self.settings.serving.default_strategy}
-        if phase != "warmup":
+        if phase == "warmup":
+            names |= set(self.logging_mixture)
+        else:
             names |= {v.resolved_strategy or self.settings.serving.default_strategy
                       for v in self.spec.variants} | {"random"}  # fmt: skip
         warm = sorted({self.model.strategy_name(n) for n in names})
         daily = BundleModel(self.model.bundle, self.model.version, states, warm)
         for svc in self.services.values():
             svc.swap_model(daily)
+        self.daily_model = daily
         self._time("prewarm", t0)
+
+    def _log_mixture_propensities(
+        self, contexts: list[_LoggedContext], log_rows: list[dict[str, Any]]
+    ) -> None:
+        """Replace each served item's propensity (its strategy's, as the service logged it)
+        by the mixture logging policy's: the sum over the mixed strategies of their share
+        times the probability that each would show that item at that position, for the same
+        user state and eligibility (the per-strategy results the service itself looked up, so nothing is
+        recomputed). The recommendation log, the bandit's IPW training and OPE then all read
+        the true propensity. A served item whose own strategy's probability does not equal
+        the one the service logged is counted (``counts["logging_propensity_mismatch"]``:
+        zero unless this reconstruction and SERVE's slate policy disagree)."""
+        if not contexts:
+            return
+        t0 = time.perf_counter()
+        dep = self.deployment.models
+        k, top_k, eps = (
+            dep.ranker.output_k,
+            dep.candidate_generator.top_k,
+            dep.ranker.exploration_rate,
+        )
+        users = [c.user for c in contexts]
+        exclude = np.stack([c.exclude for c in contexts])
+        dists = {}
+        for name in self.logging_mixture:
+            looked = [self.daily_model._lookup(name, u) for u in users]
+            upstream = np.stack([x[0] for x in looked])
+            rank = np.stack([x[1] for x in looked])
+            dists[name] = _slate_dist(upstream, rank, exclude, k, top_k,
+                                      1.0 if name == "random" else eps)  # fmt: skip
+        mix = np.zeros((len(contexts), len(self.model.features), k))
+        for name, weight in self.logging_mixture.items():
+            mix += weight * dists[name]
+        new: dict[str, float] = {}
+        mismatch = 0
+        for i, c in enumerate(contexts):
+            own = dists[c.strategy]
+            for j, (rid, f, p) in enumerate(zip(c.rec_ids, c.features, c.positions, strict=True)):
+                if abs(own[i, f, p] - c.propensities[j]) > 1e-9:
+                    mismatch += 1
+                c.propensities[j] = new[rid] = float(mix[i, f, p])
+        for row in log_rows:
+            row["propensity"] = new.get(row["recommendation_id"], row["propensity"])
+        self.counts["logging_propensity_mismatch"] = (
+            self.counts.get("logging_propensity_mismatch", 0) + mismatch
+        )
+        self._time("logging_propensities", t0)
 
     def _take_responses(self, responses: pa.Table) -> None:
         """Impressions, clicks and dismissals of yesterday's recommendations -> the feedback
@@ -703,7 +843,10 @@ class OnlineExperiment:
         as_of = self.experiment_start
         attribute(self.engine, as_of=as_of)
         self.ope_log_start = self.warmup_start + timedelta(days=self.cfg.ope_burn_in_days)
-        rounds = load_rounds(self.engine, as_of=as_of, start=self.ope_log_start, logging=True)
+        # the whole warm-up log: with the mixture logging policy, rounds served by its
+        # uniform-random share too (their propensities are the mixture's like the others')
+        rounds = load_rounds(self.engine, as_of=as_of, start=self.ope_log_start, logging=True,
+                             include_random=self.cfg.logging_policy == "mixture")  # fmt: skip
         # yesterday's recommendations get their responses when the next day is simulated:
         # leave them out, their clicks are not known yet
         pending = (
@@ -908,7 +1051,7 @@ class OnlineExperiment:
                       AVG(clicked) FILTER (WHERE NOT repeat) AS ctr_first,
                       AVG(clicked) FILTER (WHERE repeat) AS ctr_repeat
                FROM f
-               WHERE (experiment IS NULL AND strategy <> 'random'
+               WHERE (experiment IS NULL  -- the warm-up log, whoever served it
                       AND generated_at >= $start AND generated_at < $exp_start)
                   OR (experiment = $e AND variant IS NOT NULL)
                GROUP BY 1 ORDER BY 1""",
@@ -921,27 +1064,54 @@ def _target_slate_dist(
 ) -> np.ndarray:
     """(contexts, n_items, k): probability that strategy ``name`` under the epsilon-greedy
     slate policy shows item i at position p, for each logged context (its user state and
-    eligibility mask). Same candidate logic as SERVE's ``BundleModel.recommend`` (top_k
-    eligible by upstream score, then the strategy's greedy order), computed for all contexts
-    in batches with the public ``full_results``; the exact formula is
-    :func:`featurerec.models.ranking.slate_propensities`."""
+    eligibility mask), from the model's public ``full_results`` in batches (see
+    :func:`_slate_dist`)."""
     n_items = len(model.features)
     out = np.zeros((len(contexts), n_items, k))
     batch = 4096
     for s0 in range(0, len(contexts), batch):
         part = contexts[s0 : s0 + batch]
         upstream, rank, _ = model.full_results(name, [c.user for c in part])
-        for i, c in enumerate(part):
-            valid = ~c.exclude & np.isfinite(upstream[i])
-            cand = np.flatnonzero(valid)
-            if len(cand) == 0:
-                continue
-            if len(cand) > top_k:
-                cand = cand[np.argsort(-upstream[i][cand], kind="stable")[:top_k]]
-            cand = cand[np.argsort(rank[i][cand], kind="stable")]
-            for p in range(min(k, len(cand))):
-                out[s0 + i, cand, p] = eps / len(cand)
-                out[s0 + i, cand[p], p] += 1 - eps
+        exclude = np.stack([c.exclude for c in part])
+        out[s0 : s0 + len(part)] = _slate_dist(upstream, rank, exclude, k, top_k, eps)
+    return out
+
+
+def _slate_dist(
+    upstream: np.ndarray, rank: np.ndarray, exclude: np.ndarray, k: int, top_k: int, eps: float
+) -> np.ndarray:
+    """(n, n_items, k): probability that the epsilon-greedy slate policy shows item i at
+    position p, for n users' unexcluded strategy results (``upstream`` candidate score,
+    ``rank`` greedy position, as SERVE's ``BundleModel.full_results``) and eligibility masks
+    ``exclude``. Same candidate logic as ``BundleModel.recommend`` (the ``top_k`` eligible
+    items by upstream score when there are more eligible, then the strategy's greedy order),
+    vectorised over users; the formula is
+    :func:`featurerec.models.ranking.slate_propensities`: (1 - eps) [greedy item at p] +
+    eps / n_candidates for every candidate while p < n_candidates."""
+    n, m = upstream.shape
+    out = np.zeros((n, m, k))
+    if n == 0:
+        return out
+    valid = ~exclude & np.isfinite(upstream)
+    n_valid = valid.sum(axis=1)
+    n_cand = np.minimum(n_valid, top_k)
+    t = min(top_k, m)
+    # stage 1 (as SERVE): with more than top_k eligible, the top_k by upstream score;
+    # otherwise all of them in item order (which breaks the greedy order's ties)
+    primary = np.where(n_valid[:, None] > top_k, -upstream.astype(np.float64), 0.0)
+    by_up = np.argsort(np.where(valid, primary, np.inf), axis=1, kind="stable")[:, :t]
+    rows = np.arange(n)[:, None]
+    in_cand = np.arange(t)[None, :] < n_cand[:, None]
+    key = np.where(in_cand, rank[rows, by_up].astype(np.int64), np.iinfo(np.int64).max)
+    cand = np.take_along_axis(by_up, np.argsort(key, axis=1, kind="stable"), axis=1)
+    member = np.zeros((n, m), dtype=bool)
+    member[rows, cand] = in_cand  # in_cand is a prefix, so it marks cand's first n_cand
+    share = eps / np.maximum(n_cand, 1)
+    for p in range(min(k, t)):
+        active = p < n_cand
+        out[:, :, p] = np.where(member & active[:, None], share[:, None], 0.0)
+        r = np.flatnonzero(active)
+        out[r, cand[r, p], p] += 1 - eps
     return out
 
 
@@ -1050,6 +1220,16 @@ def simulate_experiment_cmd(
     out: Annotated[
         Path | None, typer.Option(help="Work folder (default: <data dir>/online/<spec>).")
     ] = None,
+    logging_policy: Annotated[
+        str,
+        typer.Option(
+            help="Warm-up logging policy: mixture (variants' strategies + uniform random, "
+            "designed for OPE) or production (the default strategy)."
+        ),
+    ] = "mixture",
+    uniform_share: Annotated[
+        float, typer.Option(help="Uniform-random share of the mixture logging policy.")
+    ] = 0.5,
     no_ope: Annotated[bool, typer.Option("--no-ope", help="Skip off-policy estimates.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
@@ -1064,7 +1244,8 @@ def simulate_experiment_cmd(
     cfg = OnlineConfig(
         users=users, history_days=history_days, warmup_days=warmup_days, weeks=weeks,
         retrain_every_days=retrain_every, default_placement=placement, holdout_share=holdout,
-        seed=seed, ope=not no_ope, ope_burn_in_days=burn_in,
+        seed=seed, ope=not no_ope, ope_burn_in_days=burn_in, logging_policy=logging_policy,
+        logging_uniform_share=uniform_share,
     )  # fmt: skip
     work = out or settings.data_path / "online" / spec.name
     with progress() as bar:
