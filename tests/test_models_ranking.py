@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from featurerec.errors import ModelError
 from featurerec.models.als import ALSParams
 from featurerec.models.bandit import BanditParams, ContextualBandit
-from featurerec.models.base import TrainingData, UserContext, UserState
+from featurerec.models.base import CutFeatures, TrainingData, UserContext, UserState
 from featurerec.models.fit import TrainConfig, train_bundle, validation_split
 from featurerec.models.index import ExactIndex, HNSWIndex, build_index, load_index
 from featurerec.models.ranking import epsilon_slates, slate_propensities
@@ -367,52 +367,19 @@ def test_bundle_config_rejects_wrong_weights() -> None:
         BundleConfig(sequence_weights=(1.0, float("nan"), 0.0, 0.0))
 
 
-def test_identical_als_searches_run_once_also_concurrently(
-    data: TrainingData, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import threading
-
-    from featurerec.models import fit
-
-    split = validation_split(data, 7.0)
-    assert split is not None
-    calls: list[int] = []
-    real = fit.run_als_search
-
-    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fit, "run_als_search", counting)
-    grid = (ALSParams(4, 1.0, 3, 10.0), ALSParams(2, 0.5, 3, 5.0))
-    results: list[object] = []
-    threads = [
-        threading.Thread(target=lambda: results.append(fit.search_als(split, grid, seed=7)))
-        for _ in range(2)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(calls) == 1 and results[0] == results[1]
-    # other inputs (another seed) are another search
-    fit.search_als(split, grid, seed=8)
-    assert len(calls) == 2
-
-
 def test_validation_split_uses_recent_features_as_of_the_cut(data: TrainingData) -> None:
     from dataclasses import replace
 
     cut = float(data.first_used.data.max()) - 7.0  # type: ignore[union-attr]
     u0, u1 = data.users[0], data.users[1]
     pre_recent = {u0: ("feature_11", "feature_03"), u1: ("feature_05",)}
-    d = replace(data, pre_transitions={}, pre_transitions_cut=cut, pre_recent=pre_recent)
+    d = replace(data, at_cuts=(CutFeatures(cut, {}, pre_recent),))
     split = validation_split(d, 7.0)
-    assert split is not None and split.pre.pre_recent is None
+    assert split is not None and split.pre.end_day == pytest.approx(cut)
     row = {f for f in split.pre.user_states([u0])[0].interactions}
     # as of the cut, limited to features the user had before it
     assert split.pre.recent[u0] == tuple(f for f in pre_recent[u0] if f in row)
     assert split.pre.recent[data.users[2]] == ()
     # without a matching cut, the as-of recent features (filtered) are kept
-    other = validation_split(replace(d, pre_transitions_cut=cut - 1), 7.0)
+    other = validation_split(replace(d, at_cuts=(CutFeatures(cut - 1, {}, pre_recent),)), 7.0)
     assert other is not None and other.pre.recent != split.pre.recent

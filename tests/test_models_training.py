@@ -154,14 +154,54 @@ def test_model_evaluation_stage_reports_promotion_metrics(
     assert res.metrics["ndcg@5"] == res.metrics["hybrid.ndcg@5"]
 
 
+def test_one_als_search_per_run_before_the_evaluation_holdout(
+    warehouse: DuckDBEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MF, bandit and evaluation stages of one run share one search, whose validation
+    window ends where the evaluation's holdout starts."""
+    from featurerec.models import training
+    from featurerec.pipeline.contracts import RunCache
+
+    cuts: list[float] = []
+    real = training.search_als
+
+    def counting(split, *a, **kw):  # type: ignore[no-untyped-def]
+        cuts.append(split.cut_day)
+        return real(split, *a, **kw)
+
+    monkeypatch.setattr(training, "search_als", counting)
+    cache = RunCache()
+    small = {"iterations": 2, "validation_days": 7}
+    for fn, name in (
+        ("als_matrix_factorization", "mf"),
+        ("contextual_bandit", "bandit"),
+        ("model_evaluation", "eval"),
+    ):
+        ctx = _ctx(warehouse, tmp_path, name, small)
+        ctx.cache = cache
+        res = STAGE_FUNCTIONS[fn](ctx)
+        if name == "mf":
+            assert res.params["search"] and "validation_ndcg@5" in res.metrics
+    assert len(cuts) == 1
+    data = cache.get(("training_data", latest_event_time(warehouse), 7.0), lambda: None)
+    assert data is not None and data.end_day is not None
+    assert cuts[0] == pytest.approx(data.end_day - 14)
+
+
 def test_validation_split_uses_transitions_from_before_its_cut(warehouse: DuckDBEngine) -> None:
     from featurerec.models.fit import validation_split
 
-    d = load_training_data(warehouse, SETTINGS, validation_days=7)
+    d = load_training_data(warehouse, SETTINGS, validation_days=7, validation_cuts=2)
+    assert [c.cut_day for c in d.at_cuts] == pytest.approx([d.end_day - 7, d.end_day - 14])
     sp_ = validation_split(d, 7)
-    assert sp_ is not None and d.pre_transitions is not None
-    assert sp_.cut_day == pytest.approx(d.pre_transitions_cut)
-    assert sp_.pre.transitions == d.pre_transitions
+    assert sp_ is not None and sp_.cut_day == pytest.approx(d.at_cuts[0].cut_day)
+    assert sp_.pre.transitions == d.at_cuts[0].transitions
+    # a split of the pre side (what the evaluation stage trains on) cuts a week earlier
+    # and takes the transitions as of that cut, not the ones up to the first cut
+    inner = validation_split(sp_.pre, 7)
+    assert inner is not None and inner.cut_day == pytest.approx(d.at_cuts[1].cut_day)
+    assert inner.pre.transitions == d.at_cuts[1].transitions
+    assert inner.targets.any() and not (inner.targets & sp_.targets).any()
     # the full-window transitions count more pairs than the ones that ended at the cut
     total = warehouse.query_rows(
         "SELECT SUM(transition_count) AS n FROM ml.feature_transition_probs"

@@ -460,6 +460,43 @@ def test_stages_overlap_when_independent(env, fakes):
     assert a.started_at < b.finished_at and b.started_at < a.finished_at
 
 
+def test_run_cache_computes_once_and_never_caches_a_failure():
+    cache = contracts.RunCache()
+    made: list[int] = []
+    gate = threading.Event()
+
+    def make() -> int:
+        gate.wait(5)
+        made.append(1)
+        return 42
+
+    out: list[int] = []
+    threads = [threading.Thread(target=lambda: out.append(cache.get("k", make))) for _ in "ab"]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    gate.set()
+    for t in threads:
+        t.join()
+    assert out == [42, 42] and len(made) == 1  # the second caller waited and reused it
+
+    def boom() -> int:
+        raise ValueError("read failed")
+
+    with pytest.raises(ValueError):
+        cache.get("bad", boom)
+    assert cache.get("bad", lambda: 7) == 7  # the failure was not remembered
+
+
+def test_stages_of_one_run_share_a_cache_and_runs_do_not(env, fakes):
+    runner = runner_for(env, spec_dict())
+    runner.run()
+    first = {n: fakes.contexts[n].cache for n in ("fake_mf", "fake_bandit", "fake_eval")}
+    assert len({id(c) for c in first.values()}) == 1
+    runner.run()
+    assert fakes.contexts["fake_mf"].cache is not first["fake_mf"]
+
+
 def test_history_lists_runs(env, fakes):
     _settings, _db, reg, hist, _last = env
     r1 = runner_for(env, spec_dict()).run()

@@ -67,6 +67,16 @@ class UserState:
         return frozenset(self.interactions)
 
 
+@dataclass(frozen=True)
+class CutFeatures:
+    """Inputs of the sequence signal as of an earlier time: transition probabilities of
+    the window ending at ``cut_day`` (epoch days) and each user's recent features then."""
+
+    cut_day: float
+    transitions: dict[tuple[str, str], float]
+    recent: dict[str, tuple[str, ...]]
+
+
 @dataclass
 class TrainingData:
     """What the SQL transforms produced, as arrays.
@@ -94,14 +104,13 @@ class TrainingData:
     #: ``is_first_use`` (the user's true first use) where one lies in the window. Pairs
     #: without it were adopted before the window (or the source does not flag first uses).
     adopted_at: sp.csr_matrix | None = None
-    #: Optional: transition probabilities computed with the window ending at
-    #: ``pre_transitions_cut`` (epoch days), so a validation split cut there does not see
-    #: transitions from after the cut.
-    pre_transitions: dict[tuple[str, str], float] | None = None
-    pre_transitions_cut: float | None = None
-    #: Optional: each user's recent features as of ``pre_transitions_cut`` (same cut), so
-    #: the validation split's sequence signal does not see uses after the cut.
-    pre_recent: dict[str, tuple[str, ...]] | None = None
+    #: Optional: where the data ends (epoch days); validation cuts are measured back from
+    #: it (default: the latest first use). A validation split's "pre" side ends at its cut.
+    end_day: float | None = None
+    #: Optional: transitions and recent features recomputed as of earlier cuts (the
+    #: validation cut, and the one a split of the "pre" side makes), so a validation split
+    #: cut there sees nothing from after its cut.
+    at_cuts: tuple[CutFeatures, ...] = ()
 
     def user_states(self, user_ids: Sequence[str] | None = None) -> list[UserState]:
         ids = self.users if user_ids is None else list(user_ids)

@@ -67,7 +67,9 @@ class ContextScorer:
         if not users:
             raise ModelError("context model: no users in the training data")
         m = data.matrix.tocsr()
-        ind = sp.csr_matrix((np.ones(m.nnz), m.indices, m.indptr), shape=m.shape, dtype=np.float64)
+        ind = sp.csr_matrix(  # copies: the training data may be shared with other stages
+            (np.ones(m.nnz), m.indices.copy(), m.indptr.copy()), shape=m.shape, dtype=np.float64
+        )
         ind.sum_duplicates()
         ind.data[:] = 1.0
         adopted = sp.vstack([ind, sp.csr_matrix((len(extra), n_items))]).tocsr()

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from featurerec.errors import DataError
-from featurerec.models.base import TrainingData, UserContext, team_size_bucket
+from featurerec.models.base import CutFeatures, TrainingData, UserContext, team_size_bucket
 
 INTERACTIONS = "ml.user_feature_interactions"
 CONTEXTS = "ml.user_context_vectors"
@@ -53,14 +53,18 @@ def load_training_data(
     as_of: datetime | None = None,
     *,
     validation_days: float | None = 7.0,
+    validation_cuts: int = 1,
 ) -> TrainingData:
     """Build :class:`TrainingData` from the ml.* tables.
 
     ``as_of`` bounds the event counts (default: no bound; the tables themselves were built
-    for one as-of time). With ``validation_days``, transition probabilities are also
-    computed (PIPE's ``feature_transitions.sql``, read-only) for the window ending at the
-    validation cut that :func:`featurerec.models.fit.validation_split` will use, so
-    validation never sees transitions from after its cut.
+    for one as-of time). With ``validation_days``, transition probabilities (PIPE's
+    ``feature_transitions.sql``, read-only) and recent features are also computed as of
+    the validation cut that :func:`featurerec.models.fit.validation_split` will use
+    (``validation_days`` before the end of the data), and with ``validation_cuts=2`` also
+    as of the cut one more ``validation_days`` back (where a validation split of the
+    "pre" side cuts: the pipeline's evaluation trains on the pre side, validation
+    included), so validation never sees sessions from after its cut.
     Raises :class:`DataError` naming a missing or empty table.
     """
     if not _exists(engine, INTERACTIONS):
@@ -148,15 +152,20 @@ def load_training_data(
             )
         )
     adopted_at = None
-    pre_transitions = None
-    pre_recent = None
-    pre_cut = None
+    end_day = float(first_used.data.max()) if first_used.nnz else None
+    at_cuts: list[CutFeatures] = []
     if _exists(engine, "events"):
         adopted_at = _flagged_first_uses(engine, settings, as_of, users, features)
-        if validation_days is not None and first_used.nnz:
-            pre_cut = float(first_used.data.max()) - float(validation_days)
-            pre_transitions = _transitions_at(engine, settings, pre_cut)
-            pre_recent = _recent_at(engine, settings, pre_cut)
+        if validation_days is not None and end_day is not None:
+            for k in range(1, max(validation_cuts, 0) + 1):
+                cut = end_day - k * float(validation_days)
+                at_cuts.append(
+                    CutFeatures(
+                        cut_day=cut,
+                        transitions=_transitions_at(engine, settings, cut),
+                        recent=_recent_at(engine, settings, cut),
+                    )
+                )
     return TrainingData(
         users=users,
         features=features,
@@ -168,9 +177,8 @@ def load_training_data(
         as_of="" if as_of is None else as_of.isoformat(),
         first_used=first_used,
         adopted_at=adopted_at,
-        pre_transitions=pre_transitions,
-        pre_transitions_cut=pre_cut,
-        pre_recent=pre_recent,
+        end_day=end_day,
+        at_cuts=tuple(at_cuts),
     )
 
 

@@ -24,10 +24,7 @@ Steps (all seeded, all from the same data, no SQL):
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -182,32 +179,41 @@ def split_by_mask(
 
 
 def validation_split(data: TrainingData, days: float) -> ValidationSplit | None:
-    """Cut ``data`` at ``max(first_used) - days``: interactions first used after the cut are
-    the targets. When the data flags true first uses (``adopted_at``), only those count as
-    adoptions after the cut: a feature adopted before the window whose first in-window use
-    happens to fall after the cut is history, not a new adoption.
+    """Cut ``data`` at ``days`` before its end (``data.end_day``, default the latest first
+    use): interactions first used after the cut are the targets. When the data flags true
+    first uses (``adopted_at``), only those count as adoptions after the cut: a feature
+    adopted before the window whose first in-window use happens to fall after the cut is
+    history, not a new adoption. The "pre" side ends at the cut (so a split of it cuts
+    ``days`` further back), and takes the transitions and recent features computed as of
+    the cut when ``data.at_cuts`` has them.
     None without ``first_used`` or without interactions on both sides."""
     al = _aligned(data)
     if al is None:
         return None
     rows, cols, vals, fu_at = al
-    cut = float(fu_at.max()) - days
+    end = float(fu_at.max()) if data.end_day is None else float(data.end_day)
+    cut = end - days
     post = fu_at >= cut
     if data.adopted_at is not None and data.adopted_at.nnz:
         flagged = np.asarray(sp.csr_matrix(data.adopted_at)[rows, cols]).ravel()
         post = flagged >= cut  # 0 (no flag) is never after the cut
     out = split_by_mask(data, rows, cols, vals, fu_at, post, cut)
-    if (
-        out is not None
-        and data.pre_transitions is not None
-        and data.pre_transitions_cut is not None
-        and abs(data.pre_transitions_cut - cut) < 1e-6
-    ):
-        out.pre = replace(out.pre, transitions=data.pre_transitions, pre_transitions=None)
-        if data.pre_recent is not None:
-            out.pre = replace(
-                out.pre, recent=_recent_in_matrix(out.pre, data.pre_recent), pre_recent=None
+    if out is None:
+        return None
+    out.pre = replace(out.pre, end_day=cut)
+    at = next((c for c in data.at_cuts if abs(c.cut_day - cut) < 1e-6), None)
+    if at is None:
+        if data.at_cuts:
+            log.warning(
+                "validation split at epoch day %.3f: no transitions computed as of that cut "
+                "(have %s); using the parent window's",
+                cut,
+                ", ".join(f"{c.cut_day:.3f}" for c in data.at_cuts),
             )
+    else:
+        out.pre = replace(
+            out.pre, transitions=at.transitions, recent=_recent_in_matrix(out.pre, at.recent)
+        )
     return out
 
 
@@ -241,7 +247,10 @@ def last_k_split(data: TrainingData, k: int) -> ValidationSplit | None:
     post_sorted = (rank < k) & (n_user > k)
     post = np.zeros(len(rows), dtype=bool)
     post[order] = post_sorted
-    return split_by_mask(data, rows, cols, vals, fu_at, post)
+    out = split_by_mask(data, rows, cols, vals, fu_at, post)
+    if out is not None:  # no common cut: the pre side ends at its own latest first use
+        out.pre = replace(out.pre, end_day=None, at_cuts=())
+    return out
 
 
 def _sample_rows(rows: np.ndarray, cap: int, seed: int) -> np.ndarray:
@@ -255,58 +264,7 @@ def _ndcg(scores: np.ndarray, exclude: np.ndarray, targets: np.ndarray, k: int =
     return float(ndcg_at_k(ids, targets, k).mean()) if len(ids) else 0.0
 
 
-#: Results of recent ALS searches in this process, by a digest of their inputs (see
-#: :func:`search_als`), and one lock per digest so a concurrent identical search waits.
-_SEARCHES: OrderedDict[str, tuple[ALSParams, list[dict[str, Any]]]] = OrderedDict()
-_SEARCH_LOCKS: dict[str, threading.Lock] = {}
-_SEARCH_GUARD = threading.Lock()
-_SEARCH_MEMO_SIZE = 4
-
-
-def _search_digest(split: ValidationSplit, *args: Any) -> str:
-    """A digest of everything :func:`search_als`'s result depends on."""
-    h = hashlib.blake2b(digest_size=20)
-    m = sp.csr_matrix(split.pre.matrix)
-    for arr in (m.indptr, m.indices, m.data, np.packbits(split.targets)):
-        h.update(np.ascontiguousarray(arr).tobytes())
-    h.update("\x1f".join(split.pre.users).encode())
-    h.update("\x1f".join(split.pre.features).encode())
-    h.update(repr((m.shape, split.targets.shape, args)).encode())
-    return h.hexdigest()
-
-
 def search_als(
-    split: ValidationSplit,
-    grid: Sequence[ALSParams],
-    seed: int = 0,
-    max_users: int = 50_000,
-    progress: Progress | None = None,
-    fit_users: int | None = None,
-) -> tuple[ALSParams, list[dict[str, Any]]]:
-    """:func:`run_als_search`, memoised within the process: the search is deterministic,
-    and the daily pipeline's matrix-factorisation and bandit stages run it on the same
-    data at the same time; the second one waits for the first and reuses its result."""
-    key = _search_digest(split, tuple(grid), seed, max_users, fit_users)
-    with _SEARCH_GUARD:
-        lock = _SEARCH_LOCKS.setdefault(key, threading.Lock())
-    with lock:
-        with _SEARCH_GUARD:
-            hit = _SEARCHES.get(key)
-        if hit is not None:
-            log.info("ALS search: reusing the result of an identical search in this process")
-            if progress:
-                progress(1, 1, "ALS search (reused)")
-            return hit[0], [dict(r) for r in hit[1]]
-        out = run_als_search(split, grid, seed, max_users, progress, fit_users)
-        with _SEARCH_GUARD:
-            _SEARCHES[key] = (out[0], [dict(r) for r in out[1]])
-            while len(_SEARCHES) > _SEARCH_MEMO_SIZE:
-                old, _ = _SEARCHES.popitem(last=False)
-                _SEARCH_LOCKS.pop(old, None)
-        return out
-
-
-def run_als_search(
     split: ValidationSplit,
     grid: Sequence[ALSParams],
     seed: int = 0,

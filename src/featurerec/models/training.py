@@ -3,9 +3,10 @@
 =========================  ================================  =====================================
 stage (spec name)          artifact in ``ctx.work_dir``      notes
 =========================  ================================  =====================================
-als_matrix_factorization   ALS item factors + calibrator     hyperparameter search on a
-                                                             validation window (``search``: false
-                                                             uses the given hyperparameters)
+als_matrix_factorization   ALS item factors + calibrator     the run's hyperparameter search
+                                                             (once per run, shared with the bandit
+                                                             and evaluation stages; ``search``:
+                                                             false uses the given hyperparameters)
 contextual_bandit          ranker: bandits + context,        warm start from organic adoptions,
                            sequence, popularity models       replaced by clicks (IPW) from
                                                              ml.recommendation_feedback
@@ -17,9 +18,10 @@ model_evaluation           none (metrics only)               ndcg@5, hit_rate@3,
                                                              on a held-out window, for promotion
 =========================  ================================  =====================================
 
-Every stage reads the ml.* tables through :func:`featurerec.models.data.load_training_data`
-and never reaches into another stage: the index stage reads the MF artifact from the
-registry.
+Every stage reads the ml.* tables through :func:`featurerec.models.data.load_training_data`,
+once per pipeline run (the run's :class:`~featurerec.pipeline.contracts.RunCache` hands the
+same read-only :class:`TrainingData` to every model stage), and never reaches into another
+stage: the index stage reads the MF artifact from the registry.
 """
 
 from __future__ import annotations
@@ -57,8 +59,18 @@ FEEDBACK_TABLE = "ml.recommendation_feedback"
 
 
 def _data(ctx: StageContext) -> TrainingData:
+    """The run's training data, read once and shared by every model stage of the run
+    (they run concurrently on the same ml.* tables; stages treat it as read-only)."""
     ctx.progress(0, 1, "loading ml.* tables")
-    return load_training_data(ctx.engine, ctx.settings, ctx.as_of)
+    days = float(ctx.params.get("validation_days", 7))
+    return ctx.cache.get(
+        ("training_data", ctx.as_of, days),
+        # two cuts: the training stages' validation split, and the evaluation stage's
+        # split of its "pre" side
+        lambda: load_training_data(
+            ctx.engine, ctx.settings, ctx.as_of, validation_days=days, validation_cuts=2
+        ),
+    )
 
 
 def _als_params(params: dict[str, Any]) -> ALSParams:
@@ -94,27 +106,66 @@ def _train_config(ctx: StageContext, als: ALSParams | None = None) -> TrainConfi
     )
 
 
+def _searched_als(
+    ctx: StageContext, data: TrainingData, cfg: TrainConfig
+) -> tuple[ALSParams, list[dict[str, Any]]]:
+    """The run's ALS hyperparameters: searched once per run (the run cache; the first stage
+    to ask runs the search, the others wait) and used by every stage that fits ALS (matrix
+    factorisation, bandit, evaluation).
+
+    The search's validation window is the one *before* the evaluation stage's holdout: it
+    cuts the data ``validation_days`` before the evaluation's cut, so the metrics that gate
+    promotion come from a week the hyperparameters were not picked on, and the evaluation
+    measures the production procedure exactly. Without that much history the first
+    setting of the grid (the stage's hyperparameters) is used."""
+
+    def run() -> tuple[ALSParams, list[dict[str, Any]]]:
+        outer = validation_split(data, cfg.validation_days)
+        split = None if outer is None else validation_split(outer.pre, cfg.validation_days)
+        if split is None:
+            log.info(
+                "ALS search: less than two validation windows of data; using %s", cfg.als_grid[0]
+            )
+            return cfg.als_grid[0], []
+        return search_als(
+            split,
+            cfg.als_grid,
+            cfg.seed,
+            cfg.max_validation_users,
+            ctx.progress,
+            fit_users=cfg.search_fit_users,
+        )
+
+    key = (
+        "als_search",
+        ctx.as_of,
+        cfg.validation_days,
+        cfg.als_grid,
+        cfg.seed,
+        cfg.max_validation_users,
+        cfg.search_fit_users,
+    )
+    return ctx.cache.get(key, run)
+
+
+def _with_searched_als(ctx: StageContext, data: TrainingData, cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the run's searched ALS hyperparameters fixed (when searching is on)."""
+    if cfg.als_params is not None:
+        return cfg
+    return replace(cfg, als_params=_searched_als(ctx, data, cfg)[0])
+
+
 @stage_function("als_matrix_factorization")
 def als_matrix_factorization(ctx: StageContext) -> StageResult:
-    """ALS with a small hyperparameter search (spec values are the first candidate)."""
+    """ALS with the run's hyperparameter search (spec values are the first candidate)."""
     data = _data(ctx)
     cfg = _train_config(ctx)
     params = cfg.als_params
     metrics: dict[str, float] = {}
     search_table: list[dict[str, Any]] = []
     if params is None:
-        split = validation_split(data, cfg.validation_days)
-        if split is None:
-            params = cfg.als_grid[0]
-        else:
-            params, search_table = search_als(
-                split,
-                cfg.als_grid,
-                cfg.seed,
-                cfg.max_validation_users,
-                ctx.progress,
-                fit_users=cfg.search_fit_users,
-            )
+        params, search_table = _searched_als(ctx, data, cfg)
+        if search_table:
             metrics["validation_ndcg@5"] = max(r["ndcg@5"] for r in search_table)
     ctx.progress(0, 1, "fitting ALS on the full window")
     als = ALSScorer(params, seed=ctx.seed).fit(data)
@@ -259,7 +310,7 @@ def contextual_bandit(ctx: StageContext) -> StageResult:
     """Train the ranker artifact: bandits warm-started from organic adoptions, then one
     IPW update batch from ``ml.recommendation_feedback`` if it has rows."""
     data = _data(ctx)
-    cfg = _train_config(ctx)
+    cfg = _with_searched_als(ctx, data, _train_config(ctx))
     bundle, report = train_bundle(data, cfg, ctx.progress)
     reward = str(ctx.params.get("reward", DEFAULT_REWARD))
     rows = _feedback_rows(ctx, reward)
@@ -360,16 +411,14 @@ def model_evaluation(ctx: StageContext) -> StageResult:
     from featurerec.evaluation.offline import TestSet, evaluate
 
     data = _data(ctx)
-    cfg = _train_config(ctx)
+    cfg = _with_searched_als(ctx, data, _train_config(ctx))
     split = validation_split(data, cfg.validation_days)
     if split is None:
         raise DataError(
             "model_evaluation: no feature was first used in the last "
             f"{cfg.validation_days:g} days before the as-of time; nothing to evaluate on"
         )
-    bundle, _ = train_bundle(
-        split.pre, replace(cfg, validation_days=cfg.validation_days), ctx.progress
-    )
+    bundle, _ = train_bundle(split.pre, cfg, ctx.progress)
     rows = split.eval_rows
     states = split.pre.user_states([split.pre.users[i] for i in rows])
     exclude = np.asarray(split.pre.matrix[rows].toarray() > 0)

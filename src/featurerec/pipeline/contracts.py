@@ -8,13 +8,45 @@ stage's internals: inputs are warehouse tables and registry artifacts.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from featurerec.config import Settings
+
+T = TypeVar("T")
+
+
+class RunCache:
+    """Values computed once per pipeline run and shared by its stages, e.g. the
+    :class:`~featurerec.models.base.TrainingData` that every model stage reads from the
+    same ml.* tables. The first stage to ask computes a value; concurrent stages asking for
+    the same key wait for it. A failed computation is not cached (the next caller retries).
+    The runner makes a new cache for every run and resume, so nothing outlives the tables
+    it was read from; cached values are shared, so callers must not modify them."""
+
+    def __init__(self) -> None:
+        self._values: dict[Hashable, Any] = {}
+        self._locks: dict[Hashable, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def get(self, key: Hashable, make: Callable[[], T]) -> T:
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            with self._guard:
+                if key in self._values:
+                    return self._values[key]  # type: ignore[no-any-return]
+            value = make()
+            with self._guard:
+                self._values[key] = value
+            return value
+
+    def __len__(self) -> int:
+        return len(self._values)
 
 
 @dataclass
@@ -37,6 +69,8 @@ class StageContext:
     #: ``progress(done, total, message)``; safe to call often.
     progress: Callable[[float, float, str], None] = lambda done, total, msg: None
     seed: int = 0
+    #: Shared by every stage of this run (see :class:`RunCache`).
+    cache: RunCache = field(default_factory=RunCache)
 
 
 @dataclass

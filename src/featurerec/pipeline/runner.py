@@ -44,6 +44,7 @@ from featurerec.errors import DataError, FeaturerecError, SpecError
 from featurerec.pipeline.contracts import (
     STAGE_FUNCTIONS,
     STAGE_MODULES,
+    RunCache,
     StageContext,
     StageFunction,
     StageResult,
@@ -190,6 +191,7 @@ class PipelineRunner:
         self.spec_source = spec_source
         self.stage_modules = stage_modules
         self.clock = clock
+        self._cache = RunCache()
 
     # -- public ---------------------------------------------------------------------------
     def run(
@@ -239,6 +241,7 @@ class PipelineRunner:
 
     # -- the loop -------------------------------------------------------------------------
     def _execute(self, record: RunRecord) -> RunRecord:
+        self._cache = RunCache()  # one per run or resume: stages share what they read
         try:
             return self._loop(record)
         except BaseException as exc:  # Ctrl-C or a runner bug: leave a resumable record
@@ -459,6 +462,7 @@ class PipelineRunner:
             work_dir=work,
             progress=lambda d, t, m: self.sink.stage_progress(stage.name, d, t, m),
             seed=self.settings.seed,
+            cache=self._cache,
         )
         result = fn(ctx)
         if not isinstance(result, StageResult):
