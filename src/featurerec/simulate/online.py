@@ -48,9 +48,14 @@ Placements: ``sidebar_panel`` asks when the user starts their first session of t
 feature as context); ``onboarding_wizard`` only in a user's first 7 days; ``email_digest``
 once a week for every signed-up user, active or not.
 
-Runs are reproducible from ``seed``: request ids (hence recommendation ids, which order
-rows downstream) are ``sim<seed>-d<day>-r<i>`` rather than uuid4, the daily score tables are
-built in sorted user order, and the mixture's draws come from the seed and the day.
+Reproducibility: every draw here derives from ``seed``; request ids (hence recommendation
+ids, which order rows downstream) are ``sim<seed>-d<day>-r<i>`` rather than uuid4, and the
+daily score tables are built in sorted user order. Two runs with the same seed can still
+diverge at larger sizes: the pipeline's ``interaction_matrix_v2.sql`` sums floats in a
+parallel DuckDB aggregate (the order, hence the last bits, varies with thread timing) and
+rounds the interaction strength to 3 decimals, so a few rows differ by 0.001 and the models
+trained on them differ (seen at 16,000 users in 2 of 5 runs of the first pipeline run; never
+at 3,000).
 
 The world continues through SIM's :class:`~featurerec.simulate.state.WorldState`: a day is
 simulated with ``advance(1, exposures)``, where ``exposures`` are the recommendations served
