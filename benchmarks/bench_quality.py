@@ -119,6 +119,7 @@ def main() -> None:
             if name in rows:
                 entry[name] = {m: round(rows[name][m], 4) for m in METRICS}
         entry["blend_weights"] = doc["info"].get("blend_weights")
+        entry["transition_gate"] = doc["info"].get("transition_gate")
         per_seed.append(entry)
         h, p = rows["hybrid"], rows["popularity"]
         print(
@@ -149,6 +150,9 @@ def main() -> None:
         "seconds": round(time.time() - t0, 1),
         "pooled": pool,
         "seeds_beating_popularity": wins,
+        "transition_kept_seeds": sum(
+            bool((e.get("transition_gate") or {}).get("kept")) for e in per_seed
+        ),
         "per_seed": per_seed,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -123,12 +123,17 @@ def test_cv_blend_penalises_noise_more_than_signal() -> None:
     strong[np.arange(n), np.argmax(3 * x[:, :, 0] + rng.gumbel(size=(n, m)), axis=1)] = True
     noise = np.zeros((n, m), bool)
     noise[np.arange(n), rng.integers(0, m, n)] = True
-    w_s, l2_s, cv_s, table = cv_blend(x, strong, blocked)
-    w_n, l2_n, cv_n, _ = cv_blend(x, noise, blocked)
+    fs, fn = cv_blend(x, strong, blocked), cv_blend(x, noise, blocked)
+    w_s, l2_s, cv_s, table = fs.weights, fs.l2, fs.cv_nll, fs.table
+    w_n, l2_n, cv_n = fn.weights, fn.l2, fn.cv_nll
     assert l2_s < l2_n
     assert w_s[0] > 1.5 and abs(w_n).max() < 0.3
     assert cv_s < cv_n <= np.log(m) + 0.05  # noise: about the uniform model's NLL
     assert [r["l2"] for r in table] == [0.1, 1.0, 10.0, 100.0]
-    _, _, _, noise_table = cv_blend(x, noise, blocked)
+    noise_table = fn.table
+    # the out-of-fold per-row ndcg@5 is the chosen penalty's row of the table
+    assert len(fs.oof_ndcg) == n
+    chosen_row = next(r for r in table if r["l2"] == l2_s)
+    assert fs.oof_ndcg.mean() == pytest.approx(chosen_row["cv_ndcg@5"], abs=1e-5)
     best_strong = max(r["cv_ndcg@5"] for r in table)
     assert best_strong > 0.6 > max(r["cv_ndcg@5"] for r in noise_table)

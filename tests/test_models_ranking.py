@@ -358,6 +358,35 @@ def test_blend_weights_are_fitted_and_order_the_candidates(
         bundle.config = saved
 
 
+def test_transition_signal_is_kept_only_when_it_beats_hybrid_by_a_standard_error(
+    bundle: ModelBundle, data: TrainingData
+) -> None:
+    from featurerec.models import fit
+
+    n = 120
+    users = data.user_states(data.users[:n])
+    excl = np.zeros((n, bundle.n_items), bool)
+    x = bundle.strategy("sequence_aware").blend_signals(users)
+    assert x.shape[2] == 4  # hybrid's three signals + transition
+    saved = bundle.config
+    try:
+        for signal, kept in ((3, True), (2, False)):
+            targets = np.zeros((n, bundle.n_items), bool)
+            targets[np.arange(n), np.argmax(x[:, :, signal], axis=1)] = True
+            report = fit.TrainReport(als_params={})
+            fit.fit_blends(bundle, users, excl, targets, seed=0, report=report)
+            gate = report.transition_gate
+            assert bool(gate["kept"]) is kept, gate
+            assert (gate["cv_ndcg@5_gain"] > gate["standard_error"]) is kept
+            sw, hw = bundle.config.sequence_weights, bundle.config.hybrid_weights
+            if kept:
+                assert sw[3] > 0
+            else:
+                assert sw == (*hw, 0.0)
+    finally:
+        bundle.config = saved
+
+
 def test_bundle_config_rejects_wrong_weights() -> None:
     from featurerec.models.strategies import BundleConfig
 

@@ -87,6 +87,7 @@ def run_evaluation(
         "blend_weights": report.blend_weights,
         "blend_validation": report.blend_validation,
         "blend_cv": report.blend_cv,
+        "transition_gate": report.transition_gate,
         "bandit_shrinkage": report.arm_precision,
         "bandit_shrinkage_search": report.arm_precision_search,
         "warm_start_rows": report.warm_start_rows,

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
@@ -109,15 +110,31 @@ def blend_nll(signals: np.ndarray, chosen: np.ndarray, blocked: np.ndarray, w: n
     return nll / n_choices
 
 
-def _ndcg_sum(scores: np.ndarray, chosen: np.ndarray, blocked: np.ndarray) -> float:
-    """Sum over rows of ndcg@5 of ``scores`` (blocked items never ranked)."""
+def _ndcg_rows(scores: np.ndarray, chosen: np.ndarray, blocked: np.ndarray) -> np.ndarray:
+    """Per row, ndcg@5 of ``scores`` (blocked items never ranked)."""
     from featurerec.evaluation.metrics import ndcg_at_k
 
     s = np.where(blocked, -np.inf, np.nan_to_num(scores, nan=-np.inf))
     k = min(5, s.shape[1])
     top = np.argsort(-s, axis=1, kind="stable")[:, :k]
     top = np.where(np.take_along_axis(np.isfinite(s), top, axis=1), top, -1)
-    return float(ndcg_at_k(top, chosen, 5).sum())
+    return np.asarray(ndcg_at_k(top, chosen, 5), dtype=np.float64)
+
+
+@dataclass
+class BlendFit:
+    """What :func:`cv_blend` returns."""
+
+    #: weights refitted on every row with the chosen penalty
+    weights: np.ndarray
+    l2: float
+    #: cross-validated NLL per choice at the chosen penalty
+    cv_nll: float
+    #: per penalty: l2, cv_nll, cv_ndcg@5
+    table: list[dict[str, float]]
+    #: out-of-fold ndcg@5 of each row used, at the chosen penalty (rows are a seeded
+    #: function of ``chosen`` and ``seed``, so two blends of the same adopters pair up)
+    oof_ndcg: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def cv_blend(
@@ -128,12 +145,12 @@ def cv_blend(
     folds: int = 5,
     seed: int = 0,
     max_rows: int = 2000,
-) -> tuple[np.ndarray, float, float, list[dict[str, float]]]:
+) -> BlendFit:
     """:func:`fit_blend` with its L2 penalty chosen by ``folds``-fold cross-validation
     over rows (held-out log likelihood per choice), then refitted on every row.
 
-    Returns (weights, chosen l2, its cross-validated NLL per choice, table); the table
-    also has each penalty's cross-validated ndcg@5 (what
+    The table also has each penalty's cross-validated ndcg@5, and ``oof_ndcg`` the
+    per-row out-of-fold ndcg@5 at the chosen penalty (what
     :func:`featurerec.models.fit.fit_blends` compares to decide whether an extra signal
     earns its place). Validation windows are small (a few hundred adopters), so the
     penalty matters. At most ``max_rows`` rows with a choice are
@@ -145,9 +162,10 @@ def cv_blend(
     rows = np.arange(len(rows))
     fold = np.random.default_rng(seed).permutation(len(rows)) % max(2, folds)
     table = []
-    best = (float("inf"), float(l2_grid[0]))
+    best = (float("inf"), float(l2_grid[0]), np.zeros(len(rows)))
     for l2 in l2_grid:
-        total, count, ndcg_sum = 0.0, 0, 0.0
+        total, count = 0.0, 0
+        oof = np.zeros(len(rows))
         for f in range(max(2, folds)):
             test, train = rows[fold == f], rows[fold != f]
             if not len(test) or not len(train):
@@ -156,19 +174,19 @@ def cv_blend(
             n = int(chosen[test].sum())
             total += blend_nll(signals[test], chosen[test], blocked[test], w) * n
             count += n
-            ndcg_sum += _ndcg_sum(signals[test] @ w, chosen[test], blocked[test])
+            oof[test] = _ndcg_rows(signals[test] @ w, chosen[test], blocked[test])
         cv = total / count if count else float("inf")
         table.append(
             {
                 "l2": float(l2),
                 "cv_nll": round(cv, 5),
-                "cv_ndcg@5": round(ndcg_sum / max(len(rows), 1), 5),
+                "cv_ndcg@5": round(float(oof.mean()) if len(oof) else 0.0, 5),
             }
         )
         if cv < best[0] - 1e-12:
-            best = (cv, float(l2))
+            best = (cv, float(l2), oof)
     w = fit_blend(signals, chosen, blocked, l2=best[1])
-    return w, best[1], best[0], table
+    return BlendFit(weights=w, l2=best[1], cv_nll=best[0], table=table, oof_ndcg=best[2])
 
 
 class AdoptionModel:
