@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from featurerec.config import Settings
 from featurerec.errors import DataError, ModelError
@@ -318,6 +320,12 @@ def _codes(values: list[Any]) -> tuple[np.ndarray, list[str]]:
     return codes, vocab
 
 
+def _positions(col: pa.ChunkedArray, values: pa.Array) -> np.ndarray:
+    """Index of each element of ``col`` in ``values`` (-1 where absent or null)."""
+    idx = pc.fill_null(pc.index_in(col, value_set=values), -1)
+    return np.asarray(idx.to_numpy(), dtype=np.int64)
+
+
 def bucket_codes_of(seat_count: np.ndarray) -> np.ndarray:
     """Vectorised :func:`featurerec.models.base.team_size_bucket` (unknown seats = small)."""
     s = seat_count
@@ -334,7 +342,7 @@ def build_snapshot(engine: Any, settings: Settings, as_of: datetime) -> OnlineSn
     params = {"as_of": as_of}
     ctx_rows = engine.query_arrow(_CONTEXT_SQL, params).to_pydict()
     act = engine.query_arrow(_ACTIVITY_SQL, params).to_pydict()
-    use = engine.query_arrow(_USE_SQL, params).to_pydict()
+    use = engine.query_arrow(_USE_SQL, params)
     if not ctx_rows["user_id"] and not act["user_id"]:
         raise DataError("export_serving_state: no users and no events in the warehouse")
 
@@ -392,26 +400,36 @@ def build_snapshot(engine: Any, settings: Settings, as_of: datetime) -> OnlineSn
             if r is not None:
                 used_7d[r], total_7d[r], tickets[r] = a or 0, b or 0, c or 0
 
-    features = sorted({f for f in use["feature"] if f})
+    features = sorted(str(f) for f in pc.unique(use["feature"]).to_pylist() if f)
     if engine.table_exists("ml.user_feature_interactions"):
-        strength_rows = engine.query_arrow(_STRENGTH_SQL).to_pydict()
+        strength_rows = engine.query_arrow(_STRENGTH_SQL)
     else:
-        strength_rows = {"user_id": [], "feature": [], "interaction_strength": []}
-    features = sorted(set(features) | {f for f in strength_rows["feature"] if f})
+        strength_rows = pa.table(
+            {
+                "user_id": pa.array([], pa.string()),
+                "feature": pa.array([], pa.string()),
+                "interaction_strength": pa.array([], pa.float64()),
+            }
+        )
+    features = sorted(
+        set(features) | {str(f) for f in pc.unique(strength_rows["feature"]).to_pylist() if f}
+    )
     for name in settings.catalog.features:
         if name not in features:
             features.append(name)
     m = len(features)
-    findex = {f: j for j, f in enumerate(features)}
+    user_set, feature_set = pa.array(user_ids, pa.string()), pa.array(features, pa.string())
 
     adopted = np.zeros((n, m), dtype=bool)
     recent = np.full((n, RECENT_FEATURES), -1, dtype=np.int16)
-    if use["user_id"]:
-        urows = np.array([uindex[u] for u in use["user_id"]], dtype=np.int64)
-        fcols = np.array([findex[f] for f in use["feature"]], dtype=np.int64)
+    if use.num_rows:
+        urows = _positions(use["user_id"], user_set)
+        fcols = _positions(use["feature"], feature_set)
+        t = use["last_used"].to_numpy().astype("datetime64[us]").astype(np.int64)
+        ok = (urows >= 0) & (fcols >= 0)  # all, by construction of both axes
+        urows, fcols, t = urows[ok], fcols[ok], t[ok]
         adopted[urows, fcols] = True
         # Most recent distinct features per user: sort by (user, last_used), take the tail.
-        t = np.array(use["last_used"], dtype="datetime64[us]").astype(np.int64)
         order = np.lexsort((t, urows))
         u_sorted, f_sorted = urows[order], fcols[order]
         ends = np.flatnonzero(np.r_[u_sorted[1:] != u_sorted[:-1], True]) + 1
@@ -421,20 +439,13 @@ def build_snapshot(engine: Any, settings: Settings, as_of: datetime) -> OnlineSn
             recent[u_sorted[s0], RECENT_FEATURES - len(tail) :] = tail
 
     strength = np.zeros((n, m), dtype=np.float32)
-    if strength_rows["user_id"]:
-        pairs = [
-            (uindex[u], findex[f], v)
-            for u, f, v in zip(
-                strength_rows["user_id"],
-                strength_rows["feature"],
-                strength_rows["interaction_strength"],
-                strict=True,
-            )
-            if u in uindex and f in findex and v is not None
-        ]
-        if pairs:
-            arr = np.array(pairs, dtype=np.float64)
-            strength[arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64)] = arr[:, 2]
+    if strength_rows.num_rows:
+        r = _positions(strength_rows["user_id"], user_set)
+        c = _positions(strength_rows["feature"], feature_set)
+        v = pc.fill_null(pc.cast(strength_rows["interaction_strength"], pa.float64()), np.nan)
+        vals = v.to_numpy()
+        ok = (r >= 0) & (c >= 0) & ~np.isnan(vals)
+        strength[r[ok], c[ok]] = vals[ok]
 
     bucket_codes = bucket_codes_of(np.where(seat < 0, 0, seat))
 
