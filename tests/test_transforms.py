@@ -457,3 +457,32 @@ def test_sql_transpiles(name, dialect):
     tree = sqlglot.parse_one(out[0], read=dialect)
     assert isinstance(tree, sqlglot.exp.Query)
     assert sql_params(sql) <= {"as_of", "days", "min_count", "n", "min_strength"}
+
+
+def test_recency_score_is_the_same_on_every_run_with_parallel_threads() -> None:
+    """A parallel SUM of doubles differs in its last bits with thread timing (the old SQL
+    gave 6 different results in 8 runs of this query); ROUND(.., 3) can then flip an
+    interaction strength and every seeded model downstream. The score is summed exactly."""
+    import duckdb
+
+    from featurerec.warehouse.engine import load_sql
+
+    con = duckdb.connect(config={"threads": 2})
+    con.execute(
+        """CREATE TABLE events AS
+           SELECT 'u' || (i % 3) AS user_id, 'f' AS feature_category,
+                  'feature_used' AS event_type,
+                  TIMESTAMP '2026-02-28 12:00:00' - (i % 89) * INTERVAL '1' DAY
+                      - (i % 1000) * INTERVAL '1' SECOND AS timestamp
+           FROM range(3000000) t(i)"""
+    )
+    sql = load_sql("interaction_matrix_v2.sql")
+    params = {"as_of": datetime(2026, 2, 28, 23), "days": 90}
+    runs = {tuple((r[0], r[6]) for r in con.execute(sql, params).fetchall()) for _ in range(8)}
+    con.close()
+    assert len(runs) == 1
+    # and it is the sum: 1,000,000 events per user spread (almost) evenly over 89 days
+    per_day = 3_000_000 / 3 / 89
+    expected = sum(per_day / (1 + d) for d in range(89))
+    for _, score in next(iter(runs)):
+        assert score == pytest.approx(expected, rel=1e-5)

@@ -15,9 +15,13 @@ WITH interactions AS (
         COUNT(DISTINCT CAST(e.timestamp AS DATE))   AS active_days,
         MAX(e.timestamp)                            AS last_used,
         MIN(e.timestamp)                            AS first_used,
-        -- Recency-weighted interaction score: 1 / (1 + days between event date and as-of date)
-        SUM(1.0 / (1 + DATE_DIFF('day', CAST(e.timestamp AS DATE), CAST($as_of AS DATE))))
-                                                    AS recency_weighted_score
+        -- Recency-weighted interaction score: 1 / (1 + days between event date and as-of date),
+        -- each term fixed to 12 decimals and summed exactly: a parallel sum of doubles
+        -- depends on thread timing in its last bits, which ROUND(.., 3) below can flip, and
+        -- every seeded model downstream would then differ from run to run
+        CAST(SUM(CAST(1.0 / (1 + DATE_DIFF('day', CAST(e.timestamp AS DATE),
+                                           CAST($as_of AS DATE))) AS DECIMAL(18, 12)))
+             AS DOUBLE)                             AS recency_weighted_score
     FROM events e
     WHERE e.event_type = 'feature_used'
       AND e.feature_category IS NOT NULL
