@@ -25,7 +25,24 @@ def test_online_experiment_runs_through_the_real_stack(tmp_path) -> None:
         ope_burn_in_days=0,
     )  # fmt: skip
     exp = OnlineExperiment(spec, cfg, tmp_path / "run", settings)
+    crossed: list[dict] = []
+    real_cross = exp._cross_fitted
+
+    def keep(as_of):  # type: ignore[no-untyped-def]
+        out = real_cross(as_of)
+        crossed.append(out)
+        return out
+
+    exp._cross_fitted = keep  # type: ignore[method-assign]
     result = exp.run()
+    # cross-fitting: two copies whose bandits learned from disjoint halves of the warm-up
+    # feedback the served bandit learned from whole; the served model is left untouched
+    (copies,) = crossed
+    served = exp.model.bundle.bandits["hybrid"]
+    halves = [copies["hybrid"][f].bundle.bandits["hybrid"] for f in (0, 1)]
+    assert all(h is not served for h in halves)
+    assert halves[0].observations > 0 and halves[1].observations > 0
+    assert halves[0].observations + halves[1].observations == served.observations
 
     assert result.counts["requests"] > 100
     assert result.counts["recommendations"] >= result.counts["clicks"] > 0
@@ -89,6 +106,10 @@ def test_online_experiment_runs_through_the_real_stack(tmp_path) -> None:
     # (380 logged rounds here), so only finiteness is asserted for DR
     assert est and all(0 <= o.estimate <= 1 for o in est if o.estimator != "dr")
     assert all(math.isfinite(o.estimate) for o in est if o.estimator == "dr")
+    # strategies with a bandit (relearned from the warm-up's clicks) are cross-fitted
+    by_variant = {o.variant: o.cross_fitted for o in est}
+    assert by_variant["hybrid"] and by_variant["sequence_aware"]
+    assert not by_variant["collaborative_only"] and not by_variant["content_based"]
     # no retrain during this 2-day run: the frozen policy's window is the whole run
     for o in est:
         assert o.frozen_online == pytest.approx(o.online)
@@ -110,3 +131,12 @@ def test_config_errors_are_named() -> None:
         OnlineConfig(default_placement="billboard")
     with pytest.raises(DataError, match="holdout_share"):
         OnlineConfig(holdout_share=0.9)
+
+
+def test_user_folds_are_stable_and_balanced() -> None:
+    from featurerec.simulate.online import user_fold
+
+    ids = [f"usr_{i}" for i in range(4000)]
+    folds = [user_fold(u) for u in ids]
+    assert folds == [user_fold(u) for u in ids] and set(folds) == {0, 1}
+    assert 0.45 < sum(folds) / len(folds) < 0.55

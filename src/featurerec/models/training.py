@@ -193,23 +193,24 @@ REWARD_WINDOW_DAYS = {"adopted_7d": 7, "clicked": 1}
 DEFAULT_REWARD = "clicked"
 
 
-def _feedback_rows(ctx: StageContext, reward: str) -> list[dict[str, Any]]:
-    """Logged feedback whose reward window has closed by the as-of time (a recommendation
-    shown 2 days ago has adopted_7d = 0 only because it is too early to tell)."""
-    if not ctx.engine.table_exists(FEEDBACK_TABLE):
+def feedback_rows(engine: Any, as_of: datetime, reward: str) -> list[dict[str, Any]]:
+    """Logged feedback whose reward window has closed by ``as_of`` (a recommendation
+    shown 2 days ago has adopted_7d = 0 only because it is too early to tell): what the
+    bandit stage learns from."""
+    if not engine.table_exists(FEEDBACK_TABLE):
         return []
-    closed = ctx.as_of - timedelta(days=REWARD_WINDOW_DAYS.get(reward, 7))
+    closed = as_of - timedelta(days=REWARD_WINDOW_DAYS.get(reward, 7))
     fb = f"""SELECT recommendation_id, user_id, recommended_feature, score, propensity,
                     strategy, variant, clicked, adopted_7d, generated_at
              FROM {FEEDBACK_TABLE}
              WHERE generated_at <= $closed AND recommended_feature IS NOT NULL"""
-    if not ctx.engine.table_exists("events"):
-        return list(ctx.engine.query_rows(f"{fb} ORDER BY generated_at, recommendation_id",
+    if not engine.table_exists("events"):
+        return list(engine.query_rows(f"{fb} ORDER BY generated_at, recommendation_id",
                                           {"closed": closed}))  # fmt: skip
     # the user's feature_used events before the recommendation: the segment (cold / warm /
     # active) the ranker saw when serving it, not the one the user is in by now
     return list(
-        ctx.engine.query_rows(
+        engine.query_rows(
             f"""WITH fb AS ({fb}),
                 n AS (
                     SELECT fb.recommendation_id, COUNT(e.user_id) AS events_before
@@ -313,7 +314,7 @@ def contextual_bandit(ctx: StageContext) -> StageResult:
     cfg = _with_searched_als(ctx, data, _train_config(ctx))
     bundle, report = train_bundle(data, cfg, ctx.progress)
     reward = str(ctx.params.get("reward", DEFAULT_REWARD))
-    rows = _feedback_rows(ctx, reward)
+    rows = feedback_rows(ctx.engine, ctx.as_of, reward)
     fed = apply_feedback(bundle, data, rows, reward)
     bundle.save_ranker(ctx.work_dir)
     eps = {f"epsilon[{k}]": b.epsilon for k, b in bundle.bandits.items()}

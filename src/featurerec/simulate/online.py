@@ -22,7 +22,10 @@
    alone, as production would. At the warm-up's end, the OPE estimate of each variant's CTR
    and 7-day adoption per recommendation is made from that log after its first
    ``ope_burn_in_days`` (:mod:`featurerec.experiments.ope`, rewards from
-   :mod:`featurerec.experiments.rounds`), before any user sees the variants.
+   :mod:`featurerec.experiments.rounds`), before any user sees the variants. The targets
+   whose bandit learned from that log's clicks (hybrid, sequence_aware) are cross-fitted:
+   each logged round is evaluated by a copy whose bandit learned from the other half of the
+   users only, since a policy evaluated on the log it learned from looks better than it is.
 3. **Experiment** (``weeks`` x 7 days): each day SIM's world continues (``ChunkSim.step_day``);
    every active user asks SERVE's :class:`RecommendationService` (in-process, with the
    experiment spec, so assignment is :func:`featurerec.experiments.assignment.assign`) for
@@ -71,9 +74,11 @@ events SIM adds for clicks are lost for clicks on the day before the one being a
 
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -190,6 +195,9 @@ class OPEResult:
     #: then far too high)
     effective_sample_size: float | None = None
     max_weight: float | None = None
+    #: the target's bandit was relearned per half of the users and each round evaluated
+    #: by the half that did not learn from it (see ``OnlineExperiment._cross_fitted``)
+    cross_fitted: bool = False
 
 
 @dataclass
@@ -834,6 +842,50 @@ class OnlineExperiment:
         self._time("world_step", t0)
 
     # ---------------------------------------------------------------------------------------
+    def _cross_fitted(self, as_of: datetime) -> dict[str, dict[int, Any]]:
+        """For each strategy with a bandit: two copies of the served model, each with the
+        bandits relearned (as the pipeline's bandit stage learns them) from the warm-up
+        feedback of one half of the users (:func:`user_fold`). OPE evaluates each logged
+        round with the copy that did not learn from it (cross-fitting): a policy learned
+        from a log and evaluated on the same log is optimistically biased (its bandit has
+        fitted that log's noise; measured at 36k users, the served hybrid's OPE CTR was
+        20% above its online rate while the strategies without a bandit matched), so the
+        estimate is for the same training procedure on half the feedback."""
+        from featurerec.models.data import load_training_data
+        from featurerec.models.training import apply_feedback, feedback_rows
+        from featurerec.serving.loader import BundleModel
+
+        bundle: Any = getattr(self.model, "bundle", None)
+        bandits = getattr(bundle, "bandits", None)
+        if not bandits:
+            return {}
+        reward = self._bandit_reward()
+        cut = as_of - timedelta(microseconds=1)  # the retrain's as-of time
+        rows = feedback_rows(self.engine, cut, reward)
+        if not rows:
+            return {}
+        data = load_training_data(self.engine, self.settings, cut, validation_days=None)
+        copies: dict[int, Any] = {}
+        for fold in (0, 1):
+            b = copy.copy(bundle)  # the same models; only the bandits are relearned
+            b.bandits = {n: copy.deepcopy(x) for n, x in bandits.items()}
+            apply_feedback(b, data, [r for r in rows if user_fold(str(r["user_id"])) == fold],
+                           reward)  # fmt: skip
+            copies[fold] = BundleModel(b, f"{self.model.version}+fold{fold}")
+        return {name: copies for name in bandits}
+
+    def _bandit_reward(self) -> str:
+        """The reward the pipeline's bandit stage learns (its ``reward`` hyperparameter)."""
+        from featurerec.models.training import DEFAULT_REWARD
+        from featurerec.pipeline.spec import load_spec
+
+        spec = load_spec(self.cfg.pipeline_spec, self.settings)
+        for name in spec.order():
+            st = spec.stage(name)
+            if st.type == "model_training" and st.model_type == "contextual_bandit":
+                return str(st.hyperparameters.get("reward", DEFAULT_REWARD))
+        return DEFAULT_REWARD
+
     def _ope_estimates(self) -> list[dict[str, Any]]:
         """Each variant's CTR and 7-day adoption per recommendation estimated from the
         warm-up log (after its burn-in), now. Rewards, denominators and censoring are
@@ -901,6 +953,8 @@ class OnlineExperiment:
         used = np.unique(cidx)
         used_contexts = [self.logged_contexts[i] for i in used.tolist()]
         cpos = np.searchsorted(used, cidx)
+        cross = self._cross_fitted(as_of)
+        used_fold = np.array([user_fold(c.user.user_id) for c in used_contexts], dtype=np.int64)
         for v in self.spec.variants:
             strategy = v.resolved_strategy
             if v.resolved_placement not in (None, self.cfg.default_placement):
@@ -908,9 +962,17 @@ class OnlineExperiment:
                             "placement differs from the logged placement: no support"})  # fmt: skip
                 continue
             name = self.model.strategy_name(strategy or self.settings.serving.default_strategy)
-            dist = _target_slate_dist(
-                self.model, name, used_contexts, k, top_k, 1.0 if name == "random" else eps,
-            )  # fmt: skip
+            e = 1.0 if name == "random" else eps
+            if name in cross:
+                # each context is evaluated by the copy whose bandit did not learn from it
+                dist = np.zeros((len(used_contexts), n_items, k))
+                for fold, fold_model in cross[name].items():
+                    sel = np.flatnonzero(used_fold != fold)
+                    dist[sel] = _target_slate_dist(
+                        fold_model, name, [used_contexts[i] for i in sel.tolist()], k, top_k, e
+                    )
+            else:
+                dist = _target_slate_dist(self.model, name, used_contexts, k, top_k, e)
             # rows with no target mass at a position cannot sum to 1: give the rest to "none"
             d = dist[cpos]
             # per-round rewards; compared online with the per-recommendation rates (CTR and
@@ -938,7 +1000,8 @@ class OnlineExperiment:
                 # eligibility and slate size on both sides; reported so it is visible)
                 out.append({"variant": v.name, "strategy": strategy, "metric": metric,
                             "estimates": est, "n": int(mask.sum()),
-                            "empty_mass": float(dm[:, -1].mean())})  # fmt: skip
+                            "empty_mass": float(dm[:, -1].mean()),
+                            "cross_fitted": name in cross})  # fmt: skip
         self._time("ope", t0)
         return out
 
@@ -1012,7 +1075,8 @@ class OnlineExperiment:
                               p_online=p_on, consistent_online=ok_on, p_frozen=p_fr,
                               consistent_frozen=ok_fr,
                               effective_sample_size=e.effective_sample_size,
-                              max_weight=e.max_weight)
+                              max_weight=e.max_weight,
+                              cross_fitted=bool(o.get("cross_fitted")))
                 )  # fmt: skip
         drift = self._drift() if ope_before else []
         for v in report.variants:
@@ -1062,6 +1126,11 @@ class OnlineExperiment:
                GROUP BY 1 ORDER BY 1""",
             {"start": start, "exp_start": self.experiment_start, "e": self.spec.name},
         )
+
+
+def user_fold(user_id: str) -> int:
+    """The cross-fitting half (0 or 1) a user belongs to: a stable hash of the id."""
+    return zlib.crc32(user_id.encode()) & 1
 
 
 def _target_slate_dist(
