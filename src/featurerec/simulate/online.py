@@ -810,7 +810,7 @@ class OnlineExperiment:
         total = self.cfg.warmup_days + exp_days
         done = 0
         for _ in range(self.cfg.warmup_days):
-            self.progress("warm-up (production policy, logged propensities)", done, total)
+            self.progress(f"warm-up ({self.cfg.logging_policy} logging policy)", done, total)
             self.step_day("warmup")
             done += 1
         if self.cfg.warmup_days:
@@ -1281,7 +1281,9 @@ def simulate_experiment_cmd(
     users: Annotated[int, typer.Option(help="Users in the simulated world.")] = 36_000,
     weeks: Annotated[float | None, typer.Option(help="Default: the spec's duration.")] = None,
     history_days: Annotated[int, typer.Option(help="Behaviour before the run.")] = 14,
-    warmup_days: Annotated[int, typer.Option(help="Production policy days (OPE log).")] = 14,
+    warmup_days: Annotated[
+        int, typer.Option(help="Warm-up days served by the logging policy (the OPE log).")
+    ] = 14,
     burn_in: Annotated[
         int, typer.Option(help="First warm-up days the OPE leaves out (start transient).")
     ] = 3,
