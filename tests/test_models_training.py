@@ -170,6 +170,18 @@ def test_one_als_search_per_run_before_the_evaluation_holdout(
         return real(split, *a, **kw)
 
     monkeypatch.setattr(training, "search_als", counting)
+    from featurerec.models import fit as fit_mod
+
+    splits: list[float] = []
+    real_split = fit_mod.validation_split
+
+    def counting_split(d, days):  # type: ignore[no-untyped-def]
+        out = real_split(d, days)
+        splits.append(out.cut_day if out is not None else float("nan"))
+        return out
+
+    monkeypatch.setattr(training, "validation_split", counting_split)
+    monkeypatch.setattr(fit_mod, "validation_split", counting_split)
     cache = RunCache()
     small = {"iterations": 2, "validation_days": 7}
     for fn, name in (
@@ -183,6 +195,8 @@ def test_one_als_search_per_run_before_the_evaluation_holdout(
         if name == "mf":
             assert res.params["search"] and "validation_ndcg@5" in res.metrics
     assert len(cuts) == 1
+    # the two validation splits (outer and a week earlier) are computed once per run too
+    assert len(splits) == 2 and splits[1] == pytest.approx(splits[0] - 7)
     data = cache.get(("training_data", latest_event_time(warehouse), 7.0), lambda: None)
     assert data is not None and data.end_day is not None
     assert cuts[0] == pytest.approx(data.end_day - 14)

@@ -547,11 +547,18 @@ def warm_start_bandits(
 
 
 def train_bundle(
-    data: TrainingData, config: TrainConfig | None = None, progress: Progress | None = None
+    data: TrainingData,
+    config: TrainConfig | None = None,
+    progress: Progress | None = None,
+    *,
+    split: ValidationSplit | None = None,
 ) -> tuple[ModelBundle, TrainReport]:
-    """Search, fit, warm-start and refit every component (see the module docstring)."""
+    """Search, fit, warm-start and refit every component (see the module docstring).
+    ``split``: ``validation_split(data, config.validation_days)`` when the caller already
+    has it (the pipeline computes it once per run); computed here otherwise."""
     config = config or TrainConfig()
-    split = validation_split(data, config.validation_days)
+    if split is None:
+        split = validation_split(data, config.validation_days)
     report = TrainReport(als_params={})
     als_params = config.als_params
     if split is None:

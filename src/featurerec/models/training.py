@@ -44,6 +44,7 @@ from featurerec.models.data import load_training_data
 from featurerec.models.fit import (
     DEFAULT_ALS_GRID,
     TrainConfig,
+    ValidationSplit,
     search_als,
     train_bundle,
     validation_split,
@@ -106,6 +107,19 @@ def _train_config(ctx: StageContext, als: ALSParams | None = None) -> TrainConfi
     )
 
 
+def _splits(
+    ctx: StageContext, data: TrainingData, days: float
+) -> tuple[ValidationSplit | None, ValidationSplit | None]:
+    """The run's validation split of ``data`` and the split of its "pre" side (a week
+    earlier), computed once per run: the search, the bandit and the evaluation use them."""
+
+    def make() -> tuple[ValidationSplit | None, ValidationSplit | None]:
+        outer = validation_split(data, days)
+        return outer, None if outer is None else validation_split(outer.pre, days)
+
+    return ctx.cache.get(("validation_splits", ctx.as_of, days), make)
+
+
 def _searched_als(
     ctx: StageContext, data: TrainingData, cfg: TrainConfig
 ) -> tuple[ALSParams, list[dict[str, Any]]]:
@@ -120,8 +134,7 @@ def _searched_als(
     setting of the grid (the stage's hyperparameters) is used."""
 
     def run() -> tuple[ALSParams, list[dict[str, Any]]]:
-        outer = validation_split(data, cfg.validation_days)
-        split = None if outer is None else validation_split(outer.pre, cfg.validation_days)
+        _, split = _splits(ctx, data, cfg.validation_days)
         if split is None:
             log.info(
                 "ALS search: less than two validation windows of data; using %s", cfg.als_grid[0]
@@ -312,7 +325,8 @@ def contextual_bandit(ctx: StageContext) -> StageResult:
     IPW update batch from ``ml.recommendation_feedback`` if it has rows."""
     data = _data(ctx)
     cfg = _with_searched_als(ctx, data, _train_config(ctx))
-    bundle, report = train_bundle(data, cfg, ctx.progress)
+    split, _ = _splits(ctx, data, cfg.validation_days)
+    bundle, report = train_bundle(data, cfg, ctx.progress, split=split)
     reward = str(ctx.params.get("reward", DEFAULT_REWARD))
     rows = feedback_rows(ctx.engine, ctx.as_of, reward)
     fed = apply_feedback(bundle, data, rows, reward)
@@ -413,13 +427,13 @@ def model_evaluation(ctx: StageContext) -> StageResult:
 
     data = _data(ctx)
     cfg = _with_searched_als(ctx, data, _train_config(ctx))
-    split = validation_split(data, cfg.validation_days)
+    split, inner = _splits(ctx, data, cfg.validation_days)
     if split is None:
         raise DataError(
             "model_evaluation: no feature was first used in the last "
             f"{cfg.validation_days:g} days before the as-of time; nothing to evaluate on"
         )
-    bundle, _ = train_bundle(split.pre, cfg, ctx.progress)
+    bundle, _ = train_bundle(split.pre, cfg, ctx.progress, split=inner)
     rows = split.eval_rows
     states = split.pre.user_states([split.pre.users[i] for i in rows])
     exclude = np.asarray(split.pre.matrix[rows].toarray() > 0)

@@ -45,9 +45,6 @@ class RunCache:
                 self._values[key] = value
             return value
 
-    def __len__(self) -> int:
-        return len(self._values)
-
 
 @dataclass
 class StageContext:
