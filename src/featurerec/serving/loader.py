@@ -181,7 +181,11 @@ class BundleModel:
             self._tables[name] = table
             return table
 
-    def _lookup(self, name: str, user: UserState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def lookup(self, name: str, user: UserState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``full_results`` of one user (upstream, greedy rank, shown score), from the
+        precomputed table while the user's state is unchanged, else computed and cached:
+        what a request filters, and what an offline policy model needs for its slate
+        probabilities (the simulator's logging propensities)."""
         table = self._table(name)
         key = user_key(user)
         row = table.row.get(user.user_id)
@@ -208,7 +212,7 @@ class BundleModel:
         rng: np.random.Generator,
     ) -> Ranked:
         name = self.strategy_name(strategy)
-        upstream, rank, shown = self._lookup(name, user)
+        upstream, rank, shown = self.lookup(name, user)
         valid = ~exclude & np.isfinite(upstream)
         cand = np.flatnonzero(valid)
         if len(cand) > top_k:  # stage 1: top_k eligible by upstream score

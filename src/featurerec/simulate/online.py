@@ -640,9 +640,9 @@ class OnlineExperiment:
         """Replace each served item's propensity (its strategy's, as the service logged it)
         by the mixture logging policy's: the sum over the mixed strategies of their share
         times the probability that each would show that item at that position, for the same
-        user state and eligibility (the per-strategy results the service itself looked up, so nothing is
-        recomputed). The recommendation log, the bandit's IPW training and OPE then all read
-        the true propensity. A served item whose own strategy's probability does not equal
+        user state and eligibility (the per-strategy results the service itself looked up
+        with ``BundleModel.lookup``, so nothing is recomputed). The recommendation log, the
+        bandit's IPW training and OPE then all read the true propensity. A served item whose own strategy's probability does not equal
         the one the service logged is counted (``counts["logging_propensity_mismatch"]``:
         zero unless this reconstruction and SERVE's slate policy disagree)."""
         if not contexts:
@@ -658,7 +658,7 @@ class OnlineExperiment:
         exclude = np.stack([c.exclude for c in contexts])
         dists = {}
         for name in self.logging_mixture:
-            looked = [self.daily_model._lookup(name, u) for u in users]
+            looked = [self.daily_model.lookup(name, u) for u in users]
             upstream = np.stack([x[0] for x in looked])
             rank = np.stack([x[1] for x in looked])
             dists[name] = _slate_dist(upstream, rank, exclude, k, top_k,
