@@ -122,9 +122,9 @@ class OnlineConfig:
     ope: bool = True
     #: OPE ignores the warm-up's first days: recommendations start from nothing there
     #: (every slate is a first exposure, no caps or dismissals yet), a transient the
-    #: experiment, which follows the warm-up, never sees (measured: per-recommendation 7-day
-    #: adoption 0.064 / 0.055 / 0.049 on warm-up days 0-2, 0.043-0.047 from day 3 on and
-    #: during the experiment).
+    #: experiment, which follows the warm-up, never sees (in the run that set this default,
+    #: whose result file was not kept: per-recommendation 7-day adoption 0.064 / 0.055 /
+    #: 0.049 on warm-up days 0-2, 0.043-0.047 from day 3 on and during the experiment).
     ope_burn_in_days: int = 3
     #: Who serves the warm-up, whose log OPE reads: ``"mixture"``, a logging policy
     #: designed for OPE (each request is served uniformly at random with probability
@@ -441,8 +441,10 @@ class OnlineExperiment:
         it near the targets, but the targets are the models retrained at the end of the
         warm-up (the bandit then learns from its feedback), which agree with their warm-up
         versions on only part of the slots; the uniform share bounds every weight
-        (measured on a small run: expected effective sample size 0.16-0.47 of the rounds
-        per target, against 0.03-0.06 with the production policy)."""
+        (in an 8,000-user run, ``bench_online.py --users 8000``, whose result file was not
+        kept: expected effective sample size 0.16-0.47 of the rounds per target, against
+        0.03-0.06 with the production policy; at 36k users ``online.json`` records the
+        mixture's ESS per target)."""
         default = self.model.strategy_name(self.settings.serving.default_strategy)
         if self.cfg.logging_policy == "production":
             return {default: 1.0}
