@@ -10,7 +10,9 @@ from featurerec.experiments.ope import (
     dr,
     estimate_policy_value,
     ips,
+    remix,
     snips,
+    snips_by_stratum,
     tabular_reward_model,
 )
 
@@ -157,3 +159,46 @@ def test_user_clustered_intervals_cover_where_iid_ones_do_not() -> None:
             covered[name] += e.ci_low <= truth <= e.ci_high
     assert covered["clustered"] / reps >= 0.9
     assert covered["iid"] / reps < 0.85
+
+
+def test_snips_by_stratum_recovers_conditional_values_and_shares() -> None:
+    """Strata are a property of the logged (context, action), as "the logged item was shown
+    to this user before" is: each stratum's SNIPS estimates the target's value given the
+    stratum, its weight share the target's probability of landing in it; recombined at
+    the target's own shares they give the policy value, at other shares the matching mix."""
+    theta, logging, target, truth = _world(0)
+    stratum_of = np.where(
+        (np.arange(N_CTX)[:, None] + np.arange(N_ACT)) % 2 == 0, "repeat", "first"
+    )
+    mass = {s: float(np.sum(target * (stratum_of == s)) / N_CTX) for s in ("first", "repeat")}
+    cond = {s: float(np.sum(target * theta * (stratum_of == s)) / N_CTX) / mass[s] for s in mass}
+    assert cond["first"] != pytest.approx(cond["repeat"], abs=0.01)  # the strata differ
+    rng = np.random.default_rng(4)
+    ctx, a, r, p, dist = _log(theta, logging, target, 80_000, rng)
+    est = snips_by_stratum(a, r, p, dist, stratum_of[ctx, a], groups=ctx)
+    assert set(est) == {"first", "repeat"}
+    for s, e in est.items():
+        assert e.estimate.ci_low <= cond[s] <= e.estimate.ci_high, (s, e, cond[s])
+        assert e.target_share == pytest.approx(mass[s], abs=0.02)
+    assert sum(e.target_share for e in est.values()) == pytest.approx(1.0)
+    own = remix(est, {s: e.target_share for s, e in est.items()})
+    assert own.value == pytest.approx(snips(a, r, p, dist).value)  # SNIPS regrouped
+    assert own.ci_low <= truth <= own.ci_high
+    shifted = remix(est, {"first": 0.2, "repeat": 0.8})
+    want = 0.2 * cond["first"] + 0.8 * cond["repeat"]
+    assert shifted.ci_low <= want <= shifted.ci_high
+    assert shifted.value == pytest.approx(
+        0.2 * est["first"].estimate.value + 0.8 * est["repeat"].estimate.value
+    )
+
+
+def test_remix_errors_are_named() -> None:
+    theta, logging, target, _ = _world(0)
+    _, a, r, p, dist = _log(theta, logging, target, 2_000, np.random.default_rng(5))
+    est = snips_by_stratum(a, r, p, dist, np.full(len(a), "first"))
+    with pytest.raises(DataError, match="no estimate for strata"):
+        remix(est, {"first": 0.5, "repeat": 0.5})
+    with pytest.raises(DataError, match="sum to 1"):
+        remix(est, {"first": 0.7})
+    with pytest.raises(DataError, match="one entry per round"):
+        snips_by_stratum(a, r, p, dist, np.full(3, "first"))

@@ -10,7 +10,14 @@ import pytest
 
 from featurerec.experiments import stats as st
 from featurerec.experiments.ope import ips, snips
-from featurerec.experiments.rounds import consistent, load_rounds, online_rate, online_rates
+from featurerec.experiments.rounds import (
+    SHOWINGS,
+    consistent,
+    load_rounds,
+    online_rate,
+    online_rates,
+    showing_stratum,
+)
 from featurerec.feedback.attribution import attribute
 from featurerec.warehouse.engine import DuckDBEngine
 from test_feedback_fixtures import add_event, add_feedback, add_rec, d
@@ -117,3 +124,23 @@ def test_logging_rounds_leave_random_out_unless_the_logging_policy_mixes_it_in()
     assert "rand1" not in production.recommendation_id.tolist()
     assert mixture.n == production.n + 1 and "rand1" in mixture.recommendation_id.tolist()
     assert variants.n == 30  # experiment rounds: the logging options do not apply
+
+
+def test_rounds_count_showings_over_the_whole_log() -> None:
+    """Each user is recommended features (i + j) % 3 for j = 0..4: the 4th and 5th rounds
+    are the 2nd showings of the 1st and 2nd features. Showings are counted over the log
+    before the filter, so a window that starts after a user's first showings still sees
+    them as second ones."""
+    with _db() as db:
+        rounds = load_rounds(db, as_of=d(12), experiment="e")
+        late = load_rounds(db, as_of=d(12), start=d(5.5), experiment="e")
+    assert rounds.showing is not None and late.showing is not None
+    for u in set(rounds.user_id.tolist()):
+        shows = rounds.showing[rounds.user_id == u]  # rounds come in time order
+        assert shows.tolist() == [1, 1, 1, 2, 2]
+    assert late.n == 12 and (late.showing == 2).all()  # days 6 and 8: the 4th, 5th rounds
+    sub = rounds.subset(rounds.showing > 1)
+    assert sub.n == 12 and sub.showing is not None and (sub.showing == 2).all()
+    assert showing_stratum(np.array([1, 2, 3, 7])).tolist() == [*SHOWINGS, "third+"]
+    with pytest.raises(ValueError, match="start at 1"):
+        showing_stratum(np.array([0]))

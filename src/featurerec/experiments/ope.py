@@ -290,3 +290,69 @@ def tabular_reward_model(
     prior = np.where(a_counts > 0, (a_sums + overall) / (a_counts + 1), overall)
     table = (sums + prior_strength * np.tile(prior, n_contexts)) / (counts + prior_strength)
     return table.reshape(n_contexts, n_actions)
+
+
+@dataclass(frozen=True)
+class StratumEstimate:
+    """SNIPS of the target's mean reward within one stratum of the logged rounds, and the
+    target's estimated share of rounds in that stratum (sum of the stratum's weights / sum
+    of all weights)."""
+
+    stratum: str
+    estimate: OPEEstimate
+    target_share: float
+
+
+def snips_by_stratum(
+    action: np.ndarray,
+    reward: np.ndarray,
+    pscore: np.ndarray,
+    action_dist: np.ndarray,
+    strata: np.ndarray,
+    *,
+    position: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+) -> dict[str, StratumEstimate]:
+    """The target's value conditional on a property of the logged round, one SNIPS per
+    stratum (e.g. ``strata`` = "first" / "repeat": whether the logged item had been shown to
+    the user before). A stratum's SNIPS, sum(w r) / sum(w) over its rounds, estimates
+    E_pi[r | stratum]; sum over the stratum of w / sum of all w estimates how often the
+    target's rounds fall in it *on the logged histories*. A policy that runs for weeks
+    shapes its own history (it repeats what it showed before), so its stratum shares
+    online can differ from these: :func:`remix` recombines the per-stratum values at other
+    shares. Strata with no target mass are left out."""
+    a, r, w, dist, pos = _prep(action, reward, pscore, action_dist, position, groups)
+    s = np.asarray(strata).astype(str)
+    if s.shape != a.shape:
+        raise DataError(f"strata must have one entry per round ({a.shape[0]}), got {s.shape}")
+    total = float(w.sum())
+    out: dict[str, StratumEstimate] = {}
+    for name in sorted(set(s.tolist())):
+        m = s == name
+        if float(w[m].sum()) <= 0:
+            continue
+        est = snips(
+            a[m], r[m], np.asarray(pscore, dtype=np.float64)[m], dist[m],
+            position=None if pos is None else pos[m],
+            groups=None if groups is None else np.asarray(groups)[m],
+        )  # fmt: skip
+        out[name] = StratumEstimate(name, est, float(w[m].sum()) / total)
+    return out
+
+
+def remix(estimates: dict[str, StratumEstimate], shares: dict[str, float]) -> OPEEstimate:
+    """sum_s shares[s] * value_s, with a normal interval from the strata's standard errors
+    taken as independent (they come from disjoint rounds; a user's rounds in two strata are
+    correlated, which this ignores). ``shares`` must sum to 1 over strata present here."""
+    missing = [s for s, x in shares.items() if x > 0 and s not in estimates]
+    if missing:
+        raise DataError(f"no estimate for strata {missing} with a positive share")
+    total = sum(shares.values())
+    if not math.isclose(total, 1.0, abs_tol=1e-9):
+        raise DataError(f"stratum shares must sum to 1 (got {total:.6f})")
+    value = sum(x * estimates[s].estimate.value for s, x in shares.items() if x > 0)
+    se = math.sqrt(sum((x * estimates[s].estimate.se) ** 2 for s, x in shares.items() if x > 0))
+    n = sum(estimates[s].estimate.n for s, x in shares.items() if x > 0)
+    ess = sum(estimates[s].estimate.effective_sample_size for s, x in shares.items() if x > 0)
+    mw = max(estimates[s].estimate.max_weight for s, x in shares.items() if x > 0)
+    return OPEEstimate("snips_remixed", value, value - Z95 * se, value + Z95 * se, se, n, ess, mw)

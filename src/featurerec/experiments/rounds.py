@@ -37,6 +37,9 @@ from featurerec.experiments import stats as st
 #: Metric -> attribution window in days (None: known as soon as the round is responded to).
 METRICS: dict[str, int | None] = {"click_through_rate": None, "rec_adoption_7d": 7}
 _COLUMN = {"click_through_rate": "clicked", "rec_adoption_7d": "adopted_7d"}
+#: Exposure strata of a round: the user's first, second, or third or later showing of the
+#: feature (``Rounds.showing`` 1, 2, >= 3).
+SHOWINGS = ("first", "second", "third+")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,9 @@ class Rounds:
     clicked: np.ndarray
     adopted_7d: np.ndarray
     as_of: datetime
+    #: How many times the user had been recommended this feature up to and including this
+    #: round (by anyone, at any time in the recommendation log): 1 = a first showing
+    showing: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -75,6 +81,7 @@ class Rounds:
             self.clicked[mask],
             self.adopted_7d[mask],
             self.as_of,
+            None if self.showing is None else self.showing[mask],
         )
 
 
@@ -111,8 +118,12 @@ def load_rounds(
         where.append("experiment = $experiment AND variant IS NOT NULL")
         params["experiment"] = experiment
     rows = engine.query_rows(
+        # showings are counted over the whole log, before the filter
+        "WITH f AS (SELECT *, ROW_NUMBER() OVER (PARTITION BY user_id, recommended_feature "
+        "ORDER BY generated_at, recommendation_id) AS showing "
+        "FROM ml.recommendation_feedback) "
         "SELECT recommendation_id, user_id, COALESCE(variant, '') AS variant, generated_at, "
-        "clicked, adopted_7d FROM ml.recommendation_feedback WHERE "
+        "clicked, adopted_7d, showing FROM f WHERE "
         + " AND ".join(where)
         + " ORDER BY generated_at, recommendation_id",
         params,
@@ -125,7 +136,16 @@ def load_rounds(
         np.array([int(r["clicked"] or 0) for r in rows], dtype=np.int64),
         np.array([int(r["adopted_7d"] or 0) for r in rows], dtype=np.int64),
         as_of,
+        np.array([int(r["showing"]) for r in rows], dtype=np.int64),
     )
+
+
+def showing_stratum(showing: np.ndarray) -> np.ndarray:
+    """``Rounds.showing`` as the labels of :data:`SHOWINGS`."""
+    k = np.minimum(np.asarray(showing, dtype=np.int64), len(SHOWINGS)) - 1
+    if k.size and k.min() < 0:
+        raise ValueError("showing counts start at 1")
+    return np.asarray(SHOWINGS, dtype=object)[k]
 
 
 def online_rate(rounds: Rounds, metric: str) -> st.Estimate:
