@@ -25,6 +25,7 @@ from scipy.stats import norm
 
 from featurerec.cli_common import to_json
 from featurerec.config import Settings
+from featurerec.experiments.rounds import SHOWINGS
 from featurerec.experiments.spec import find_experiment
 from featurerec.simulate.online import OnlineConfig, OnlineExperiment, result_tables
 
@@ -148,6 +149,13 @@ def main() -> int:
             "whole_run": if_unbiased(False),
             "frozen": if_unbiased(True),
         },
+        # The same pre-run OPE (SNIPS) split by exposure: the user's first, second, third
+        # or later showing of a feature, each against the online rate of the same stratum;
+        # "remixed" recombines the strata at the run's own shares (a diagnostic of the
+        # exposure mix, not a pre-run estimate). Rows in tables["ope_by_exposure"].
+        "ope_by_exposure_inside_online_ci": {
+            s: result.exposure_inside_share(s) for s in (*SHOWINGS, "remixed")
+        },
         "drift_ope_log_vs_experiment": result.drift,
         "timings": result.timings,
         "counts": result.counts,
@@ -167,6 +175,7 @@ def main() -> int:
                     "min_users_per_variant",
                     "ope_inside_online_ci_share",
                     "ope_inside_frozen_online_ci_share",
+                    "ope_by_exposure_inside_online_ci",
                     "timings",
                 )
             }

@@ -11,6 +11,7 @@ import pytest
 from featurerec.config import Settings
 from featurerec.errors import DataError
 from featurerec.experiments.assignment import assign
+from featurerec.experiments.rounds import SHOWINGS
 from featurerec.experiments.spec import find_experiment
 from featurerec.simulate.online import OnlineConfig, OnlineExperiment, result_tables
 from featurerec.warehouse.engine import DuckDBEngine
@@ -21,7 +22,7 @@ def test_online_experiment_runs_through_the_real_stack(tmp_path) -> None:
     settings = Settings.model_validate({"data_dir": str(tmp_path / "base")})
     spec = find_experiment(settings, "rec-personalization-strategy")
     cfg = OnlineConfig(
-        users=2500, history_days=20, warmup_days=2, weeks=2 / 7, retrain_every_days=7, seed=3,
+        users=2500, history_days=20, warmup_days=3, weeks=2 / 7, retrain_every_days=7, seed=3,
         ope_burn_in_days=0,
     )  # fmt: skip
     exp = OnlineExperiment(spec, cfg, tmp_path / "run", settings)
@@ -115,10 +116,33 @@ def test_online_experiment_runs_through_the_real_stack(tmp_path) -> None:
         assert o.frozen_online == pytest.approx(o.online)
         assert o.inside_frozen_ci == o.inside_online_ci
         assert o.consistent_frozen == o.consistent_online
-    # 7-day adoption: no window closes in a 2-day warm-up, so OPE says so instead of
+    # 7-day adoption: no window closes in a 3-day warm-up, so OPE says so instead of
     # estimating from open windows
     adoption = [o for o in result.ope if o.metric == "rec_adoption_7d"]
     assert adoption and all(o.estimate is None and "complete" in o.note for o in adoption)
+    # OPE by exposure: per variant, the first / second / third+ showing strata, whose shares
+    # add up on both sides; the online strata recombine exactly to the whole-run rate (a
+    # ratio of sums), and the remixed OPE, where every stratum the run has is in the log,
+    # is the strata's estimates at the online shares
+    by = {(o.variant, o.stratum): o for o in result.ope_by_exposure
+          if o.metric == "click_through_rate"}  # fmt: skip
+    assert {v for v, _ in by} == set(spec.variant_names)
+    whole = {o.variant: o.online for o in est}
+    for v in spec.variant_names:
+        rows = [by[(v, s)] for s in SHOWINGS]
+        assert sum(o.log_share for o in rows) == pytest.approx(1.0)
+        assert sum(o.online_share for o in rows) == pytest.approx(1.0)
+        assert rows[0].estimate is not None and 0 < rows[0].online_share < 1
+        on = sum(o.online_share * o.online for o in rows if o.online is not None)
+        assert on == pytest.approx(whole[v])
+        mixed = by.get((v, "remixed"))
+        if mixed is not None:
+            assert mixed.online == pytest.approx(whole[v])
+            want = sum(o.online_share * o.estimate for o in rows if o.online_share > 0)
+            assert mixed.estimate == pytest.approx(want)
+        else:  # a stratum the run has got no support in the short log
+            assert any(o.estimate is None and o.online_share > 0 for o in rows)
+    assert {r["showing"] for r in tables["ope_by_exposure"]} >= set(SHOWINGS)
     groups = {r["group"] for r in result.drift}
     assert groups == {"ope log", *spec.variant_names}
     assert all(0 <= r["repeat_share"] <= 1 for r in result.drift)

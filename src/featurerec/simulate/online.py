@@ -198,6 +198,36 @@ class OPEResult:
     cross_fitted: bool = False
 
 
+@dataclass(frozen=True)
+class OPEByExposure:
+    """The pre-run OPE (SNIPS) next to the online result, split by exposure: ``stratum`` is
+    the user's "first", "second" or "third+" showing of the feature in that round
+    (:data:`featurerec.experiments.rounds.SHOWINGS`).
+
+    One-step OPE values a policy on the log's histories, where ``log_share`` of the target's
+    rounds fall in the stratum; a policy serving for weeks repeats its own recommendations
+    (frequency caps and cooldowns limit how often, not whether), so online ``online_share``
+    of its rounds do, and later showings, the survivors of earlier ones that were neither
+    taken up nor dismissed, are clicked less. Per stratum the comparison is like with like.
+    The "remixed" row recombines the strata at the *online* shares: a diagnostic of how much
+    of the whole-run gap the exposure mix explains, not a pre-run estimate (the online mix is
+    known only after the run)."""
+
+    variant: str
+    metric: str
+    stratum: str
+    #: None where the target puts no weight on the stratum's logged rounds (no support)
+    estimate: float | None
+    ci_low: float | None
+    ci_high: float | None
+    online: float | None
+    online_ci_low: float | None
+    online_ci_high: float | None
+    inside_online_ci: bool | None
+    log_share: float | None
+    online_share: float | None
+
+
 @dataclass
 class OnlineResult:
     experiment: str
@@ -214,6 +244,18 @@ class OnlineResult:
     #: variant): rounds, share of rounds that repeat a (user, feature) recommended before,
     #: CTR of first and of repeated recommendations.
     drift: list[dict[str, Any]] = field(default_factory=list)
+    ope_by_exposure: list[OPEByExposure] = field(default_factory=list)
+
+    def exposure_inside_share(self, stratum: str) -> float | None:
+        """Share of variants x metrics whose OPE of ``stratum`` ("first", "second",
+        "third+", "remixed") is inside the online 95% interval of the same stratum (of the
+        whole run for "remixed")."""
+        checked = [
+            o.inside_online_ci
+            for o in self.ope_by_exposure
+            if o.stratum == stratum and o.inside_online_ci is not None
+        ]
+        return sum(checked) / len(checked) if checked else None
 
     def share(
         self, attr: str, *, estimator: str | None = None, metric: str | None = None
@@ -892,8 +934,12 @@ class OnlineExperiment:
         warm-up log (after its burn-in), now. Rewards, denominators and censoring are
         :mod:`featurerec.experiments.rounds`' (the online side of the comparison uses the
         same definitions)."""
-        from featurerec.experiments.ope import estimate_policy_value, tabular_reward_model
-        from featurerec.experiments.rounds import METRICS, load_rounds
+        from featurerec.experiments.ope import (
+            estimate_policy_value,
+            snips_by_stratum,
+            tabular_reward_model,
+        )
+        from featurerec.experiments.rounds import METRICS, load_rounds, showing_stratum
         from featurerec.feedback.attribution import attribute
 
         self.flush()
@@ -950,6 +996,7 @@ class OnlineExperiment:
         )
         n_ctx = int(ctx_bucket.max()) + 1
         row_idx = np.asarray(rows)
+        showing = showing_stratum(np.asarray(rounds.showing)[row_idx])
         # target distributions only for the contexts whose rounds are used
         used = np.unique(cidx)
         used_contexts = [self.logged_contexts[i] for i in used.tolist()]
@@ -996,13 +1043,20 @@ class OnlineExperiment:
                 est = estimate_policy_value(
                     action[mask], reward[mask], pscore[mask], dm, qhat, groups=groups[mask]
                 )
+                # the same target, by whether the logged item was the user's first, second
+                # or later showing of it (the experiment's policies repeat far more than
+                # the log does; see OPEByExposure)
+                strata = snips_by_stratum(
+                    action[mask], reward[mask], pscore[mask], dm, showing[mask],
+                    groups=groups[mask],
+                )  # fmt: skip
                 # "shows nothing" mass: rounds the target would leave empty count as reward
                 # 0 here, while online they are not rounds at all (kept small by the same
                 # eligibility and slate size on both sides; reported so it is visible)
                 out.append({"variant": v.name, "strategy": strategy, "metric": metric,
                             "estimates": est, "n": int(mask.sum()),
                             "empty_mass": float(dm[:, -1].mean()),
-                            "cross_fitted": name in cross})  # fmt: skip
+                            "cross_fitted": name in cross, "strata": strata})  # fmt: skip
         self._time("ope", t0)
         return out
 
@@ -1079,6 +1133,7 @@ class OnlineExperiment:
                               max_weight=e.max_weight,
                               cross_fitted=bool(o.get("cross_fitted")))
                 )  # fmt: skip
+        by_exposure = self._by_exposure(ope_before, rounds, names, whole)
         drift = self._drift() if ope_before else []
         for v in report.variants:
             if v.users == 0:
@@ -1104,7 +1159,60 @@ class OnlineExperiment:
             data_dir=str(self.settings.data_path),
             notes=self.notes,
             drift=drift,
+            ope_by_exposure=by_exposure,
         )
+
+    @staticmethod
+    def _by_exposure(
+        ope_before: list[dict[str, Any]], rounds: Any, names: list[str], whole: Any
+    ) -> list[OPEByExposure]:
+        """Per variant and metric: the OPE of each exposure stratum next to the online rate
+        of the same stratum, and the strata recombined at the online shares (see
+        :class:`OPEByExposure`)."""
+        from featurerec.experiments.ope import remix
+        from featurerec.experiments.rounds import METRICS, SHOWINGS, online_rates, showing_stratum
+
+        if rounds.showing is None:
+            return []
+        stratum = showing_stratum(rounds.showing)
+        online = {s: online_rates(rounds.subset(stratum == s), names) for s in SHOWINGS}
+        out: list[OPEByExposure] = []
+        for o in ope_before:
+            strata = o.get("strata")
+            if not strata or o["metric"] not in METRICS:
+                continue
+            v, metric = o["variant"], o["metric"]
+            _, closed = rounds.reward(metric)
+            sel = (rounds.variant == v) & closed
+            n_on = int(sel.sum())
+            if not n_on:
+                continue
+            shares = {s: float((sel & (stratum == s)).sum() / n_on) for s in SHOWINGS}
+            rows: list[tuple[str, Any, Any, float | None, float | None]] = [
+                (
+                    s,
+                    strata[s].estimate if s in strata else None,
+                    online[s][v][metric],
+                    strata[s].target_share if s in strata else 0.0,
+                    shares[s],
+                )
+                for s in SHOWINGS
+            ]
+            if all(x == 0 or s in strata for s, x in shares.items()):
+                rows.append(("remixed", remix(strata, shares), whole[v][metric], None, None))
+            for name, est, on, log_share, on_share in rows:
+                inside = (
+                    None
+                    if est is None or on.ci_low is None or on.ci_high is None
+                    else bool(on.ci_low <= est.value <= on.ci_high)
+                )
+                out.append(
+                    OPEByExposure(v, metric, name, None if est is None else est.value,
+                                  None if est is None else est.ci_low,
+                                  None if est is None else est.ci_high, on.value, on.ci_low,
+                                  on.ci_high, inside, log_share, on_share)
+                )  # fmt: skip
+        return out
 
     def _drift(self) -> list[dict[str, Any]]:
         """How the OPE log's rounds differ from the experiment's: an OPE of one-step
@@ -1273,6 +1381,21 @@ def result_tables(result: OnlineResult) -> dict[str, list[dict[str, Any]]]:
         }
         for o in result.ope
     ]
+    tables["ope_by_exposure"] = [
+        {
+            "variant": o.variant,
+            "metric": o.metric,
+            "showing": o.stratum,
+            "OPE (snips)": o.estimate,
+            "OPE 95% CI": _interval(o.ci_low, o.ci_high),
+            "online": o.online,
+            "online 95% CI": _interval(o.online_ci_low, o.online_ci_high),
+            "OPE inside online CI": _yes_no(o.inside_online_ci),
+            "share in log (target)": o.log_share,
+            "share online": o.online_share,
+        }
+        for o in result.ope_by_exposure
+    ]
     return tables
 
 
@@ -1355,6 +1478,15 @@ def simulate_experiment_cmd(
         share = result.share(attr)
         if share is not None:
             console.print(f"{what}: {share:.0%}")
+    for stratum, what in (
+        ("first", "first showings"),
+        ("second", "second showings"),
+        ("third+", "third and later showings"),
+        ("remixed", "all showings, remixed at the online shares (diagnostic)"),
+    ):
+        share = result.exposure_inside_share(stratum)
+        if share is not None:
+            console.print(f"OPE inside the online 95% interval, {what}: {share:.0%}")
     print_report(result.report)
     console.print(f"timings (s): {result.timings}")
     console.print(f"counts: {result.counts}")
