@@ -1469,24 +1469,19 @@ def simulate_experiment_cmd(
     console.print(f"response model: {result.response_model}")
     for name, rows in tables.items():
         print_table(rows, title=name.replace("_", " "))
-    for attr, what in (
-        ("inside_online_ci", "OPE estimates inside the online 95% interval (whole run)"),
-        ("inside_frozen_ci", "OPE estimates inside the online 95% interval (frozen policy)"),
-        ("consistent_online", "OPE consistent with online, p >= 0.05 (whole run)"),
-        ("consistent_frozen", "OPE consistent with online, p >= 0.05 (frozen policy)"),
+    inside = "OPE estimates inside the online 95% interval"
+    for share, what in (
+        (result.share("inside_online_ci"), f"{inside} (whole run)"),
+        (result.share("inside_frozen_ci"), f"{inside} (frozen policy)"),
+        (result.share("consistent_online"), "OPE consistent with online, p >= 0.05 (whole run)"),
+        (result.share("consistent_frozen"), "OPE consistent with online, p >= 0.05 (frozen)"),
+        (result.exposure_inside_share("first"), f"{inside}, first showings"),
+        (result.exposure_inside_share("second"), f"{inside}, second showings"),
+        (result.exposure_inside_share("third+"), f"{inside}, third and later showings"),
+        (result.exposure_inside_share("remixed"), f"{inside}, remixed at the online shares"),
     ):
-        share = result.share(attr)
         if share is not None:
             console.print(f"{what}: {share:.0%}")
-    for stratum, what in (
-        ("first", "first showings"),
-        ("second", "second showings"),
-        ("third+", "third and later showings"),
-        ("remixed", "all showings, remixed at the online shares (diagnostic)"),
-    ):
-        share = result.exposure_inside_share(stratum)
-        if share is not None:
-            console.print(f"OPE inside the online 95% interval, {what}: {share:.0%}")
     print_report(result.report)
     console.print(f"timings (s): {result.timings}")
     console.print(f"counts: {result.counts}")
