@@ -3,6 +3,7 @@ serving (with the experiment's assignment), responses, attribution, report and O
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import timedelta
 
@@ -164,3 +165,28 @@ def test_user_folds_are_stable_and_balanced() -> None:
     folds = [user_fold(u) for u in ids]
     assert folds == [user_fold(u) for u in ids] and set(folds) == {0, 1}
     assert 0.45 < sum(folds) / len(folds) < 0.55
+
+
+@pytest.mark.slow
+def test_simulate_experiment_cli_prints_the_tables_and_shares(tmp_path) -> None:
+    """`featurerec simulate experiment` on a tiny world: the spec's tables, OPE vs online
+    (whole run and by exposure) and the shares of OPE estimates inside the online interval;
+    `--json` gives the same shares to scripts."""
+    from typer.testing import CliRunner
+
+    from featurerec.cli import app
+
+    args = ["--data-dir", str(tmp_path), "simulate", "experiment", "rec-personalization-strategy",
+            "--users", "2500", "--history-days", "20", "--warmup-days", "3", "--burn-in", "0",
+            "--weeks", "0.3", "--seed", "3"]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    for title in ("strategy", "placement", "ope vs online", "ope by exposure"):
+        assert title in res.output
+    assert "OPE estimates inside the online 95% interval (whole run):" in res.output
+    assert "OPE estimates inside the online 95% interval, first showings:" in res.output
+    res = CliRunner().invoke(app, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert 0 <= out["ope_inside_share"] <= 1
+    assert {r["showing"] for r in out["tables"]["ope_by_exposure"]} >= set(SHOWINGS)
