@@ -156,7 +156,6 @@ def main() -> int:
         "ope_by_exposure_inside_online_ci": {
             s: result.exposure_inside_share(s) for s in (*SHOWINGS, "remixed")
         },
-        "drift_ope_log_vs_experiment": result.drift,
         "timings": result.timings,
         "counts": result.counts,
         "tables": tables,

@@ -144,9 +144,6 @@ def test_online_experiment_runs_through_the_real_stack(tmp_path) -> None:
         else:  # a stratum the run has got no support in the short log
             assert any(o.estimate is None and o.online_share > 0 for o in rows)
     assert {r["showing"] for r in tables["ope_by_exposure"]} >= set(SHOWINGS)
-    groups = {r["group"] for r in result.drift}
-    assert groups == {"ope log", *spec.variant_names}
-    assert all(0 <= r["repeat_share"] <= 1 for r in result.drift)
 
 
 def test_config_errors_are_named() -> None:

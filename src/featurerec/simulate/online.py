@@ -43,8 +43,9 @@
    per-round rewards, denominators and 7-day censoring on both sides, user-clustered, for
    the whole run and for the frozen policy the OPE evaluated (the experiment's days before
    the first retrain), with "OPE inside the online interval" and a two-sided test of
-   OPE = online from both standard errors; plus the context drift between the OPE log and
-   the experiment (share of repeat recommendations, CTR of first vs repeat ones).
+   OPE = online from both standard errors; plus the same comparison split by exposure (the
+   user's first, second or later showing of the feature; :class:`OPEByExposure`), which
+   shows where a policy that shapes its own history leaves the log's support.
 
 Placements: ``sidebar_panel`` asks when the user starts their first session of the day;
 ``in_context_tooltip`` when they first use a feature that day (the request carries that
@@ -240,10 +241,7 @@ class OnlineResult:
     counts: dict[str, int]
     data_dir: str
     notes: list[str] = field(default_factory=list)
-    #: Context drift between the OPE log and the experiment, per group ("ope log" and each
-    #: variant): rounds, share of rounds that repeat a (user, feature) recommended before,
-    #: CTR of first and of repeated recommendations.
-    drift: list[dict[str, Any]] = field(default_factory=list)
+    #: OPE vs online by exposure (first / second / later showings): see OPEByExposure
     ope_by_exposure: list[OPEByExposure] = field(default_factory=list)
 
     def exposure_inside_share(self, stratum: str) -> float | None:
@@ -1134,7 +1132,6 @@ class OnlineExperiment:
                               cross_fitted=bool(o.get("cross_fitted")))
                 )  # fmt: skip
         by_exposure = self._by_exposure(ope_before, rounds, names, whole)
-        drift = self._drift() if ope_before else []
         for v in report.variants:
             if v.users == 0:
                 why = (
@@ -1158,7 +1155,6 @@ class OnlineExperiment:
             counts=self.counts,
             data_dir=str(self.settings.data_path),
             notes=self.notes,
-            drift=drift,
             ope_by_exposure=by_exposure,
         )
 
@@ -1213,28 +1209,6 @@ class OnlineExperiment:
                                   on.ci_high, inside, log_share, on_share)
                 )  # fmt: skip
         return out
-
-    def _drift(self) -> list[dict[str, Any]]:
-        """How the OPE log's rounds differ from the experiment's: an OPE of one-step
-        rewards assumes the target meets the log's contexts, but a policy shapes its own
-        exposure history (frequency caps, cooldowns, repeats)."""
-        start = getattr(self, "ope_log_start", self.experiment_start)
-        return self.engine.query_rows(
-            """WITH f AS (
-                   SELECT *, ROW_NUMBER() OVER (PARTITION BY user_id, recommended_feature
-                             ORDER BY generated_at, recommendation_id) > 1 AS repeat
-                   FROM ml.recommendation_feedback)
-               SELECT CASE WHEN experiment IS NULL THEN 'ope log' ELSE variant END AS "group",
-                      COUNT(*) AS rounds, AVG(repeat::INT) AS repeat_share,
-                      AVG(clicked) FILTER (WHERE NOT repeat) AS ctr_first,
-                      AVG(clicked) FILTER (WHERE repeat) AS ctr_repeat
-               FROM f
-               WHERE (experiment IS NULL  -- the warm-up log, whoever served it
-                      AND generated_at >= $start AND generated_at < $exp_start)
-                  OR (experiment = $e AND variant IS NOT NULL)
-               GROUP BY 1 ORDER BY 1""",
-            {"start": start, "exp_start": self.experiment_start, "e": self.spec.name},
-        )
 
 
 def user_fold(user_id: str) -> int:
