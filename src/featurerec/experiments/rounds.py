@@ -55,7 +55,7 @@ class Rounds:
     as_of: datetime
     #: How many times the user had been recommended this feature up to and including this
     #: round (by anyone, at any time in the recommendation log): 1 = a first showing
-    showing: np.ndarray | None = None
+    showing: np.ndarray
 
     @property
     def n(self) -> int:
@@ -81,7 +81,7 @@ class Rounds:
             self.clicked[mask],
             self.adopted_7d[mask],
             self.as_of,
-            None if self.showing is None else self.showing[mask],
+            self.showing[mask],
         )
 
 

@@ -456,9 +456,10 @@ class OnlineExperiment:
         }
         if not hasattr(self, "experiment_start"):  # the warm-up's logging policy
             self.logging_mixture = self._logging_mixture()
-        if not hasattr(self, "experiment_start") and self.cfg.logging_policy == "mixture":
-            for i, name in enumerate(self.logging_mixture):
-                serving = self.settings.serving
+            # one service per mixed strategy ("production" serves with "default" alone)
+            mixed = self.logging_mixture if self.cfg.logging_policy == "mixture" else {}
+            serving = self.settings.serving
+            for i, name in enumerate(mixed):
                 log_settings = self.settings.model_copy(
                     update={"serving": serving.model_copy(
                         update={"default_strategy": name, "seed": serving.seed + 1 + i})}
@@ -684,9 +685,10 @@ class OnlineExperiment:
         times the probability that each would show that item at that position, for the same
         user state and eligibility (the per-strategy results the service itself looked up
         with ``BundleModel.lookup``, so nothing is recomputed). The recommendation log, the
-        bandit's IPW training and OPE then all read the true propensity. A served item whose own strategy's probability does not equal
-        the one the service logged is counted (``counts["logging_propensity_mismatch"]``:
-        zero unless this reconstruction and SERVE's slate policy disagree)."""
+        bandit's IPW training and OPE then all read the true propensity. A served item whose
+        own strategy's probability does not equal the one the service logged is counted
+        (``counts["logging_propensity_mismatch"]``: zero unless this reconstruction and
+        SERVE's slate policy disagree)."""
         if not contexts:
             return
         t0 = time.perf_counter()
@@ -994,7 +996,7 @@ class OnlineExperiment:
         )
         n_ctx = int(ctx_bucket.max()) + 1
         row_idx = np.asarray(rows)
-        showing = showing_stratum(np.asarray(rounds.showing)[row_idx])
+        showing = showing_stratum(rounds.showing[row_idx])
         # target distributions only for the contexts whose rounds are used
         used = np.unique(cidx)
         used_contexts = [self.logged_contexts[i] for i in used.tolist()]
@@ -1168,8 +1170,6 @@ class OnlineExperiment:
         from featurerec.experiments.ope import remix
         from featurerec.experiments.rounds import METRICS, SHOWINGS, online_rates, showing_stratum
 
-        if rounds.showing is None:
-            return []
         stratum = showing_stratum(rounds.showing)
         online = {s: online_rates(rounds.subset(stratum == s), names) for s in SHOWINGS}
         out: list[OPEByExposure] = []
