@@ -464,3 +464,30 @@ def test_request_time_model_failure_falls_back(client: TestClient) -> None:
     body = client.get("/api/v1/recommendations", params={"user_id": "usr_000070"}).json()
     assert body["fallback"] is True and body["recommendations"]
     assert "boom" in client.get("/readyz").json()["model_error"]
+
+
+def test_restart_rebuilds_exposure_from_a_log_with_context_lines(
+    client: TestClient, world: Settings
+) -> None:
+    """The reclog segments hold each request's decision context next to its
+    recommendations; a restarted server re-reads the recommendations (caps hold across
+    restarts) and skips the context lines."""
+    from featurerec.serving.reclog import iter_records
+
+    user = "usr_000050"
+    shown = []
+    for _ in range(2):
+        body = client.get("/api/v1/recommendations", params={"user_id": user}).json()
+        shown += [x["feature"] for x in body["recommendations"]]
+    assert shown
+    rt = client.rt  # type: ignore[attr-defined]
+    kinds = [r.get("record", "recommendation") for r in iter_records(rt.log_dir, "reclog")]
+    assert kinds.count("context") == 2
+    again = ServingRuntime.from_settings(world)
+    try:
+        st = again.service.state
+        exposure = st.exposure(st.row_of(user), time.time())
+        for f in set(shown):
+            assert exposure.shown_7d[st.findex[f]] == shown.count(f)
+    finally:
+        again.close()

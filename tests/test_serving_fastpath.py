@@ -20,7 +20,7 @@ from featurerec.models.ranking import slate_propensities
 from featurerec.registry import registry_for
 from featurerec.serving.fastpath import accelerate
 from featurerec.serving.loader import BundleModel
-from featurerec.serving.reclog import RECLOG_PREFIX, iter_records
+from featurerec.serving.reclog import RECLOG_PREFIX, iter_recommendations, iter_records
 from featurerec.serving.snapshot import OnlineSnapshot, build_snapshot
 from featurerec.serving.state import OnlineState
 from featurerec.serving.testing import (
@@ -143,7 +143,7 @@ def test_acknowledged_recommendations_survive_kill(tmp_path: Path, fixture) -> N
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     assert len(acknowledged) > 60
-    logged = {r["recommendation_id"] for r in iter_records(data / "serving" / "log", RECLOG_PREFIX)}
+    logged = {r["recommendation_id"] for r in iter_recommendations(data / "serving" / "log")}
     assert set(acknowledged) <= logged
 
 

@@ -449,7 +449,7 @@ def create_app(runtime: ServingRuntime | None = None, settings: Settings | None 
         try:
             result = runtime.service.recommend(req)
             if result.log_records:
-                await runtime.reclog.append_async(result.log_records)
+                await runtime.reclog.append_async(result.log_lines())
                 runtime.remember_served(result.log_records)
         except Exception:
             runtime.metrics.errors.labels("/api/v1/recommendations", "500").inc()

@@ -91,7 +91,7 @@ def register(app: typer.Typer, groups: Any) -> None:
                 )
             )
             if result.log_records:
-                rt.reclog.append(result.log_records)
+                rt.reclog.append(result.log_lines())
         finally:
             rt.close()
         body = result.to_response()

@@ -36,9 +36,11 @@ from featurerec.models.base import UserState
 from featurerec.models.ranking import Ranked, epsilon_slates
 from featurerec.serving.deployment import DeploymentSpec
 from featurerec.serving.reclog import (
+    CONTEXT_RECORD,
     FEEDBACK_PREFIX,
     RECLOG_PREFIX,
     _parse_ts,
+    iter_recommendations,
     iter_records,
     segments,
 )
@@ -383,7 +385,7 @@ def rebuild_exposure(
     """
     since = now - history_days * 86_400.0
     served: dict[str, tuple[str, str]] = {}
-    for r in iter_records(log_dir, RECLOG_PREFIX, since=since):
+    for r in iter_recommendations(log_dir, since=since):
         ts = _parse_ts(r.get("generated_at"))
         if ts is None:
             continue
@@ -518,6 +520,8 @@ class StateSync:
 
     def _apply_line(self, state: OnlineState, prefix: str, rec: dict[str, Any], now: float) -> int:
         if prefix == RECLOG_PREFIX:
+            if rec.get("record") == CONTEXT_RECORD:  # a request's decision context
+                return 0
             ts = _parse_ts(rec.get("generated_at"))
             j = state.findex.get(rec.get("recommended_feature") or "")
             self.served[str(rec.get("recommendation_id"))] = (

@@ -20,7 +20,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -52,6 +52,25 @@ RECLOG_COLUMNS: dict[str, pa.DataType] = {
     "fallback": pa.bool_(),
     "generated_at": pa.timestamp("us"),
 }
+#: Columns of ml.recommendation_context: one line per served request in the same segments
+#: as its recommendations (marked ``"record": "context"``), so both become durable together.
+CONTEXT_COLUMNS: dict[str, pa.DataType] = {
+    "request_id": pa.string(),
+    "user_id": pa.string(),
+    "generated_at": pa.timestamp("us"),
+    "placement": pa.string(),
+    "slate_size": pa.int32(),
+    "candidate_top_k": pa.int32(),
+    "exploration_rate": pa.float64(),
+    "user_context": pa.string(),
+    "interactions": pa.string(),
+    "recent_features": pa.string(),
+    "event_count": pa.int32(),
+    "eligible": pa.string(),
+    "excluded": pa.string(),
+}
+#: The marker of a context line in a reclog segment.
+CONTEXT_RECORD = "context"
 #: Columns of ml.recommendation_events.
 FEEDBACK_COLUMNS: dict[str, pa.DataType] = {
     "feedback_id": pa.string(),
@@ -270,6 +289,15 @@ def iter_records(
                     continue
 
 
+def iter_recommendations(
+    directory: str | Path, since: float | None = None
+) -> Iterator[dict[str, Any]]:
+    """The recommendation lines of the reclog segments (their context lines skipped)."""
+    for r in iter_records(directory, RECLOG_PREFIX, since):
+        if r.get("record") != CONTEXT_RECORD:
+            yield r
+
+
 def _parse_ts(value: Any) -> datetime | None:
     if value is None or isinstance(value, datetime):
         return value
@@ -303,6 +331,40 @@ class ReclogLoadReport:
     recommendations_new: int
     feedback_read: int
     feedback_new: int
+    contexts_read: int = 0
+    contexts_new: int = 0
+
+
+def insert_logs(
+    engine: Any,
+    recommendations: list[dict[str, Any]],
+    feedback: list[dict[str, Any]],
+    contexts: Sequence[dict[str, Any]] = (),
+) -> tuple[int, int, int]:
+    """Insert log records into ml.recommendation_log / _events / _context, new rows only
+    (``INSERT OR IGNORE`` on the primary keys), in one transaction; returns the rows read
+    per table (after dropping repeated keys)."""
+    tables = (
+        ("_reclog_in", records_table(recommendations, RECLOG_COLUMNS),
+         "ml.recommendation_log", RECLOG_COLUMNS),
+        ("_feedback_in", records_table(feedback, FEEDBACK_COLUMNS),
+         "ml.recommendation_events", FEEDBACK_COLUMNS),
+        ("_context_in", records_table(list(contexts), CONTEXT_COLUMNS),
+         "ml.recommendation_context", CONTEXT_COLUMNS),
+    )  # fmt: skip
+    with engine.transaction():
+        for name, table, target, cols in tables:
+            if not table.num_rows:
+                continue
+            engine.register_arrow(name, table)
+            try:
+                engine.execute(
+                    f"INSERT OR IGNORE INTO {target} ({', '.join(cols)}) "
+                    f"SELECT {', '.join(cols)} FROM {name}"
+                )
+            finally:
+                engine.unregister(name)
+    return tables[0][1].num_rows, tables[1][1].num_rows, tables[2][1].num_rows
 
 
 def load_reclog(engine: Any, directory: str | Path) -> ReclogLoadReport:
@@ -310,35 +372,25 @@ def load_reclog(engine: Any, directory: str | Path) -> ReclogLoadReport:
 
     New rows only: ``INSERT OR IGNORE`` on the primary keys, in one transaction.
     """
-    recs = list(iter_records(directory, RECLOG_PREFIX))
+    recs: list[dict[str, Any]] = []
+    contexts: list[dict[str, Any]] = []
+    for r in iter_records(directory, RECLOG_PREFIX):  # both kinds of line in one pass
+        (contexts if r.get("record") == CONTEXT_RECORD else recs).append(r)
     fbs = list(iter_records(directory, FEEDBACK_PREFIX))
-    rec_t = records_table(recs, RECLOG_COLUMNS)
-    fb_t = records_table(fbs, FEEDBACK_COLUMNS)
-    before_r = engine.scalar("SELECT COUNT(*) FROM ml.recommendation_log")
-    before_f = engine.scalar("SELECT COUNT(*) FROM ml.recommendation_events")
-    with engine.transaction():
-        engine.register_arrow("_reclog_in", rec_t)
-        engine.register_arrow("_feedback_in", fb_t)
-        try:
-            engine.execute(
-                f"INSERT OR IGNORE INTO ml.recommendation_log ({', '.join(RECLOG_COLUMNS)}) "
-                f"SELECT {', '.join(RECLOG_COLUMNS)} FROM _reclog_in"
-            )
-            engine.execute(
-                f"INSERT OR IGNORE INTO ml.recommendation_events ({', '.join(FEEDBACK_COLUMNS)}) "
-                f"SELECT {', '.join(FEEDBACK_COLUMNS)} FROM _feedback_in"
-            )
-        finally:
-            engine.unregister("_reclog_in")
-            engine.unregister("_feedback_in")
-    after_r = engine.scalar("SELECT COUNT(*) FROM ml.recommendation_log")
-    after_f = engine.scalar("SELECT COUNT(*) FROM ml.recommendation_events")
+    count = {
+        t: engine.scalar(f"SELECT COUNT(*) FROM ml.{t}")
+        for t in ("recommendation_log", "recommendation_events", "recommendation_context")
+    }
+    n_rec, n_fb, n_ctx = insert_logs(engine, recs, fbs, contexts)
+    new = {t: int(engine.scalar(f"SELECT COUNT(*) FROM ml.{t}") - c) for t, c in count.items()}
     return ReclogLoadReport(
         files=len(segments(directory, RECLOG_PREFIX)) + len(segments(directory, FEEDBACK_PREFIX)),
-        recommendations_read=rec_t.num_rows,
-        recommendations_new=int(after_r - before_r),
-        feedback_read=fb_t.num_rows,
-        feedback_new=int(after_f - before_f),
+        recommendations_read=n_rec,
+        recommendations_new=new["recommendation_log"],
+        feedback_read=n_fb,
+        feedback_new=new["recommendation_events"],
+        contexts_read=n_ctx,
+        contexts_new=new["recommendation_context"],
     )
 
 

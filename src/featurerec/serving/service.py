@@ -210,6 +210,15 @@ class RecommendationResult:
     variant: str | None = None
     #: ml.recommendation_log rows for this response (written by the caller, durably).
     log_records: list[dict[str, Any]] = field(default_factory=list)
+    #: The ml.recommendation_context row of this request (what the policy decided on), when
+    #: something was served (see :func:`decision_context`).
+    context_record: dict[str, Any] | None = None
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """The reclog lines of this response: its recommendations, then its context."""
+        if self.context_record is None:
+            return self.log_records
+        return [*self.log_records, self.context_record]
 
     def to_response(self) -> dict[str, Any]:
         """The spec's response (plus ids for feedback, fallback and assignment)."""
@@ -381,6 +390,7 @@ class RecommendationService:
 
         items: list[ServedItem] = []
         fallback = model.is_fallback
+        exclude = None
         if placement_override is None or placement_override == placement:
             exclude, n = policy.exclude_mask(attrs, adopted, state.exposure(row, now), now, k)
             if n > 0:
@@ -437,6 +447,11 @@ class RecommendationService:
             }
             for it in items
         ]
+        if items and exclude is not None:
+            result.context_record = decision_context(
+                request_id, req.user_id, now_dt, placement, len(items), user, exclude,
+                state.features, dep.candidate_generator.top_k, dep.ranker.exploration_rate,
+            )  # fmt: skip
         result.latency_ms = round((time.perf_counter() - t0) * 1000.0, 3)
         return result
 
@@ -516,6 +531,50 @@ class RecommendationService:
                 )
             )
         return out
+
+
+def decision_context(
+    request_id: str,
+    user_id: str,
+    generated_at: datetime,
+    placement: str,
+    slate_size: int,
+    user: UserState,
+    exclude: np.ndarray,
+    features: list[str],
+    top_k: int,
+    exploration_rate: float,
+) -> dict[str, Any]:
+    """One request's ml.recommendation_context row: the user state the model scored, the
+    features the eligibility rules left (``eligible``, or ``excluded`` when that list is the
+    shorter one; the other is None) and the slate policy's settings, so off-policy
+    evaluation can replay any candidate model on the same decision
+    (:mod:`featurerec.experiments.offline`). JSON-encoded fields are VARCHARs."""
+    import orjson
+
+    idx = np.flatnonzero(exclude)
+    listed_excluded = 2 * idx.size < len(features)
+    names = (
+        [features[j] for j in idx.tolist()]
+        if listed_excluded
+        else [features[j] for j in np.flatnonzero(~exclude).tolist()]
+    )
+    return {
+        "record": "context",
+        "request_id": request_id,
+        "user_id": user_id,
+        "generated_at": generated_at,
+        "placement": placement,
+        "slate_size": slate_size,
+        "candidate_top_k": top_k,
+        "exploration_rate": exploration_rate,
+        "user_context": orjson.dumps(user.context).decode(),  # a dataclass: orjson's own
+        "interactions": orjson.dumps(user.interactions).decode(),
+        "recent_features": orjson.dumps(list(user.recent_features)).decode(),
+        "event_count": int(user.event_count),
+        "eligible": None if listed_excluded else orjson.dumps(names).decode(),
+        "excluded": orjson.dumps(names).decode() if listed_excluded else None,
+    }
 
 
 def _to_model_space(

@@ -117,6 +117,25 @@ ML_TABLES: dict[str, str] = {
             fallback BOOLEAN,
             generated_at TIMESTAMP NOT NULL
         )""",
+    # Spec Stage 8 (OPE): what the policy saw for each served request -- the user state the
+    # model scored and the features the eligibility rules left -- so a candidate can be
+    # replayed on the same decision (serving/reclog.py CONTEXT_COLUMNS; JSON in VARCHARs).
+    "recommendation_context": """
+        CREATE TABLE IF NOT EXISTS ml.recommendation_context (
+            request_id VARCHAR PRIMARY KEY,
+            user_id VARCHAR NOT NULL,
+            generated_at TIMESTAMP NOT NULL,
+            placement VARCHAR,
+            slate_size INTEGER,
+            candidate_top_k INTEGER,
+            exploration_rate DOUBLE,
+            user_context VARCHAR,
+            interactions VARCHAR,
+            recent_features VARCHAR,
+            event_count INTEGER,
+            eligible VARCHAR,
+            excluded VARCHAR
+        )""",
     # impression / click / dismiss, idempotent by feedback_id.
     "recommendation_events": """
         CREATE TABLE IF NOT EXISTS ml.recommendation_events (
