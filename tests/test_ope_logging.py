@@ -12,7 +12,8 @@ import pytest
 from featurerec.errors import DataError
 from featurerec.experiments.ope import ips, snips
 from featurerec.models.ranking import epsilon_slates
-from featurerec.simulate.online import OnlineConfig, OnlineExperiment, _slate_dist
+from featurerec.models.ranking import slate_distribution as _slate_dist
+from featurerec.simulate.online import OnlineConfig, OnlineExperiment
 
 
 def _reference(

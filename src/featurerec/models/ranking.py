@@ -103,3 +103,41 @@ def slate_propensities(scores: np.ndarray, valid: np.ndarray, k: int, eps: float
         rows = np.nonzero(active)[0]
         out[rows, greedy[rows, p], p] += 1 - eps
     return out
+
+
+def slate_distribution(
+    upstream: np.ndarray, rank: np.ndarray, exclude: np.ndarray, k: int, top_k: int, eps: float
+) -> np.ndarray:
+    """(n, n_items, k): probability that the epsilon-greedy slate policy shows item i at
+    position p, for n users' unexcluded strategy results (``upstream`` candidate score,
+    ``rank`` greedy position, as SERVE's ``BundleModel.full_results``) and eligibility masks
+    ``exclude``. Same candidate logic as ``BundleModel.recommend`` (the ``top_k`` eligible
+    items by upstream score when there are more eligible, then the strategy's greedy order),
+    vectorised over users; the formula is
+    :func:`featurerec.models.ranking.slate_propensities`: (1 - eps) [greedy item at p] +
+    eps / n_candidates for every candidate while p < n_candidates."""
+    n, m = upstream.shape
+    out = np.zeros((n, m, k))
+    if n == 0:
+        return out
+    valid = ~exclude & np.isfinite(upstream)
+    n_valid = valid.sum(axis=1)
+    n_cand = np.minimum(n_valid, top_k)
+    t = min(top_k, m)
+    # stage 1 (as SERVE): with more than top_k eligible, the top_k by upstream score;
+    # otherwise all of them in item order (which breaks the greedy order's ties)
+    primary = np.where(n_valid[:, None] > top_k, -upstream.astype(np.float64), 0.0)
+    by_up = np.argsort(np.where(valid, primary, np.inf), axis=1, kind="stable")[:, :t]
+    rows = np.arange(n)[:, None]
+    in_cand = np.arange(t)[None, :] < n_cand[:, None]
+    key = np.where(in_cand, rank[rows, by_up].astype(np.int64), np.iinfo(np.int64).max)
+    cand = np.take_along_axis(by_up, np.argsort(key, axis=1, kind="stable"), axis=1)
+    member = np.zeros((n, m), dtype=bool)
+    member[rows, cand] = in_cand  # in_cand is a prefix, so it marks cand's first n_cand
+    share = eps / np.maximum(n_cand, 1)
+    for p in range(min(k, t)):
+        active = p < n_cand
+        out[:, :, p] = np.where(member & active[:, None], share[:, None], 0.0)
+        r = np.flatnonzero(active)
+        out[r, cand[r, p], p] += 1 - eps
+    return out

@@ -306,10 +306,12 @@ class _Served:
 
 @dataclass
 class _LoggedContext:
-    """What the warm-up logging policy saw for one request (for OPE): the user state and
-    eligibility mask, the served slate (model item ids, 0-based positions) and the logging
-    policy's propensity of each served item (the mixture's with ``logging_policy="mixture"``;
-    ``strategy`` is the strategy that served it)."""
+    """What the warm-up's mixture logging policy saw for one request, kept for the day so
+    the mixture's propensities can be logged (:meth:`OnlineExperiment._log_mixture_propensities`):
+    the user state and eligibility mask, the served slate (model item ids, 0-based positions)
+    and each served item's propensity under ``strategy``, the strategy that served it. (OPE
+    reads the decisions back from the warehouse, as for any deployment:
+    :mod:`featurerec.experiments.offline`.)"""
 
     user: Any
     exclude: np.ndarray
@@ -348,6 +350,7 @@ class OnlineExperiment:
         self._buffer: list[pa.Table] = []
         self._log_buffer: list[dict[str, Any]] = []
         self._fb_buffer: list[dict[str, Any]] = []
+        self._ctx_buffer: list[dict[str, Any]] = []
 
     # ---------------------------------------------------------------------------------------
     def _time(self, key: str, t0: float) -> None:
@@ -566,10 +569,10 @@ class OnlineExperiment:
         self._prewarm(sorted({r[1] for r in requests}), phase)
         served = _Served()
         log_rows: list[dict[str, Any]] = []
+        context_rows: list[dict[str, Any]] = []
         contexts: list[_LoggedContext] = []
         mf = {f: j for j, f in enumerate(self.model.features)}
         mixture = phase == "warmup" and self.cfg.logging_policy == "mixture"
-        logged = phase == "warmup" and (self.cfg.ope or mixture)
         # the mixture's draws: one strategy per request, from the seed and the day alone
         draw = np.random.default_rng([self.cfg.seed, 0x10_66ED, day])
         log_names = list(self.logging_mixture)
@@ -589,7 +592,7 @@ class OnlineExperiment:
                 # deterministic ids (uuid4 otherwise): rows are ordered by them downstream
                 request_id=f"sim{self.cfg.seed}-d{day}-r{i}",
             )
-            if logged:
+            if mixture:
                 user_state, exclude = self._logging_context(svc, req)
             res = svc.recommend(req)
             self.counts["requests"] += 1
@@ -598,13 +601,15 @@ class OnlineExperiment:
             variant = res.variant or ("random-holdout" if key == "random" else "warmup")
             self.latencies.setdefault(variant, []).append(res.latency_ms)
             log_rows.extend(res.log_records)
+            if res.context_record is not None:
+                context_rows.append(res.context_record)
             for item in res.recommendations:
                 served.user.append(user_id)
                 served.feature.append(item.feature)
                 served.placement.append(PLACEMENT_CODES[pcode])
                 served.shown_at.append(res.generated_at)
                 served.rec_id.append(item.recommendation_id)
-            if logged:
+            if mixture:
                 contexts.append(
                     _LoggedContext(
                         user_state,
@@ -619,7 +624,6 @@ class OnlineExperiment:
         if mixture:
             self._log_mixture_propensities(contexts, log_rows)
         self._time("serving", t0)
-        self.logged_contexts.extend(contexts)
         # Only features the world knows can be shown to its users.
         known = set(self.features)
         keep = [i for i, f in enumerate(served.feature) if f in known]
@@ -649,6 +653,7 @@ class OnlineExperiment:
                 )
             self.state.apply_events(used)
         self._log_buffer.extend(log_rows)
+        self._ctx_buffer.extend(context_rows)
         self._time("state_apply", t0)
         self.day += 1
         _ = epoch_seconds  # (dismissals reach the state in _take_responses)
@@ -689,6 +694,8 @@ class OnlineExperiment:
         own strategy's probability does not equal the one the service logged is counted
         (``counts["logging_propensity_mismatch"]``: zero unless this reconstruction and
         SERVE's slate policy disagree)."""
+        from featurerec.models.ranking import slate_distribution
+
         if not contexts:
             return
         t0 = time.perf_counter()
@@ -705,7 +712,7 @@ class OnlineExperiment:
             looked = [self.daily_model.lookup(name, u) for u in users]
             upstream = np.stack([x[0] for x in looked])
             rank = np.stack([x[1] for x in looked])
-            dists[name] = _slate_dist(upstream, rank, exclude, k, top_k,
+            dists[name] = slate_distribution(upstream, rank, exclude, k, top_k,
                                       1.0 if name == "random" else eps)  # fmt: skip
         mix = np.zeros((len(contexts), len(self.model.features), k))
         for name, weight in self.logging_mixture.items():
@@ -753,6 +760,7 @@ class OnlineExperiment:
         """Ingest buffered product events (INGEST's Ingestor, one batch) and write the
         buffered recommendation log and feedback to the warehouse."""
         from featurerec.events.validate import normalize_table
+        from featurerec.serving.reclog import insert_logs
 
         t0 = time.perf_counter()
         if self._buffer:
@@ -762,8 +770,8 @@ class OnlineExperiment:
             batch = normalize_table(events, settings=self.settings, source="simulate", now=now)
             rep = self.ingestor.append(batch, batch_id=f"online-{self.cfg.seed}-{self.day}")
             self.counts["events_ingested"] += int(rep.accepted)
-        self._insert_log(self._log_buffer, self._fb_buffer)
-        self._log_buffer, self._fb_buffer = [], []
+        insert_logs(self.engine, self._log_buffer, self._fb_buffer, self._ctx_buffer)
+        self._log_buffer, self._fb_buffer, self._ctx_buffer = [], [], []
         self._sync_churn()
         self._time("ingest_daily", t0)
 
@@ -822,29 +830,9 @@ class OnlineExperiment:
             exclude = np.array([bool(exclude[index[f]]) if f in index else True for f in mf])
         return user, exclude
 
-    def _insert_log(self, log_rows: list[dict[str, Any]], feedback: list[dict[str, Any]]) -> None:
-        from featurerec.serving.reclog import FEEDBACK_COLUMNS, RECLOG_COLUMNS, records_table
-
-        rec_t = records_table(log_rows, RECLOG_COLUMNS)
-        fb_t = records_table(feedback, FEEDBACK_COLUMNS)
-        with self.engine.transaction():
-            for name, table, target, cols in (
-                ("_online_log", rec_t, "ml.recommendation_log", RECLOG_COLUMNS),
-                ("_online_fb", fb_t, "ml.recommendation_events", FEEDBACK_COLUMNS),
-            ):
-                self.engine.register_arrow(name, table)
-                try:
-                    self.engine.execute(
-                        f"INSERT OR IGNORE INTO {target} ({', '.join(cols)}) "
-                        f"SELECT {', '.join(cols)} FROM {name}"
-                    )
-                finally:
-                    self.engine.unregister(name)
-
     # ---------------------------------------------------------------------------------------
     def run(self) -> OnlineResult:
         t_all = time.perf_counter()
-        self.logged_contexts: list[_LoggedContext] = []
         self.setup()
         self.warmup_start = self._dt(self.day * DAY_US)
         weeks = self.cfg.weeks if self.cfg.weeks is not None else self.spec.duration_weeks
@@ -931,15 +919,16 @@ class OnlineExperiment:
 
     def _ope_estimates(self) -> list[dict[str, Any]]:
         """Each variant's CTR and 7-day adoption per recommendation estimated from the
-        warm-up log (after its burn-in), now. Rewards, denominators and censoring are
-        :mod:`featurerec.experiments.rounds`' (the online side of the comparison uses the
-        same definitions)."""
-        from featurerec.experiments.ope import (
-            estimate_policy_value,
-            snips_by_stratum,
-            tabular_reward_model,
+        warm-up log (after its burn-in), now, as ``featurerec experiment ope`` estimates a
+        candidate on a deployment's log (:mod:`featurerec.experiments.offline`: the logged
+        decisions read back from the warehouse, each variant's strategy replayed on them).
+        Rewards, denominators and censoring are :mod:`featurerec.experiments.rounds`' (the
+        online side of the comparison uses the same definitions)."""
+        from featurerec.experiments.offline import (
+            evaluate,
+            load_logged_decisions,
+            target_slate_dist,
         )
-        from featurerec.experiments.rounds import METRICS, load_rounds, showing_stratum
         from featurerec.feedback.attribution import attribute
 
         self.flush()
@@ -948,61 +937,26 @@ class OnlineExperiment:
         attribute(self.engine, as_of=as_of)
         self.ope_log_start = self.warmup_start + timedelta(days=self.cfg.ope_burn_in_days)
         # the whole warm-up log: with the mixture logging policy, rounds served by its
-        # uniform-random share too (their propensities are the mixture's like the others')
-        rounds = load_rounds(self.engine, as_of=as_of, start=self.ope_log_start, logging=True,
-                             include_random=self.cfg.logging_policy == "mixture")  # fmt: skip
-        # yesterday's recommendations get their responses when the next day is simulated:
-        # leave them out, their clicks are not known yet
-        pending = (
-            set(self.exposures.column("recommendation_id").to_pylist())
-            if self.exposures is not None
-            else set()
-        )
-        row_of = {
-            rid: i for i, rid in enumerate(rounds.recommendation_id.tolist()) if rid not in pending
-        }
-        rewards = {m: rounds.reward(m) for m in METRICS}
-        eps = self.deployment.models.ranker.exploration_rate
-        k = self.deployment.models.ranker.output_k
-        top_k = self.deployment.models.candidate_generator.top_k
-        n_items = len(self.model.features)
+        # uniform-random share too (their propensities are the mixture's like the others');
+        # the last warm-up day's recommendations get their responses when the next day is
+        # simulated, so their clicks are not known yet: the log ends before that day
+        end = self._dt((self.day - 1) * DAY_US) - timedelta(microseconds=1)
+        decisions = load_logged_decisions(
+            self.engine, self.model.features, as_of=as_of, start=self.ope_log_start, end=end,
+            include_random=self.cfg.logging_policy == "mixture",
+        )  # fmt: skip
         out: list[dict[str, Any]] = []
-        # logged rounds
-        a, p, pos, ctx_id, rows, users = [], [], [], [], [], []
-        for ci, lc in enumerate(self.logged_contexts):
-            for rid, f, ps, pr in zip(
-                lc.rec_ids, lc.features, lc.positions, lc.propensities, strict=True
-            ):
-                j = row_of.get(rid)
-                if j is None:
-                    continue
-                a.append(f)
-                p.append(pr)
-                pos.append(ps)
-                ctx_id.append(ci)
-                rows.append(j)
-                users.append(lc.user.user_id)
-        if not a:
+        if not decisions.n:
             self.notes.append(
                 "OPE: no logged warm-up recommendations to evaluate from (after the "
                 f"{self.cfg.ope_burn_in_days}-day burn-in; increase --warmup-days)"
             )
             return out
-        action, pscore = np.asarray(a), np.asarray(p)
-        position, cidx = np.asarray(pos), np.asarray(ctx_id)
-        groups = np.asarray(users)
-        ctx_bucket = np.array(
-            [min(self.logged_contexts[i].user.event_count, 60) // 5 for i in cidx.tolist()]
-        )
-        n_ctx = int(ctx_bucket.max()) + 1
-        row_idx = np.asarray(rows)
-        showing = showing_stratum(rounds.showing[row_idx])
-        # target distributions only for the contexts whose rounds are used
-        used = np.unique(cidx)
-        used_contexts = [self.logged_contexts[i] for i in used.tolist()]
-        cpos = np.searchsorted(used, cidx)
+        eps = self.deployment.models.ranker.exploration_rate
+        k = self.deployment.models.ranker.output_k
+        top_k = self.deployment.models.candidate_generator.top_k
         cross = self._cross_fitted(as_of)
-        used_fold = np.array([user_fold(c.user.user_id) for c in used_contexts], dtype=np.int64)
+        fold = np.array([user_fold(u.user_id) for u in decisions.users], dtype=np.int64)
         for v in self.spec.variants:
             strategy = v.resolved_strategy
             if v.resolved_placement not in (None, self.cfg.default_placement):
@@ -1012,51 +966,31 @@ class OnlineExperiment:
             name = self.model.strategy_name(strategy or self.settings.serving.default_strategy)
             e = 1.0 if name == "random" else eps
             if name in cross:
-                # each context is evaluated by the copy whose bandit did not learn from it
-                dist = np.zeros((len(used_contexts), n_items, k))
-                for fold, fold_model in cross[name].items():
-                    sel = np.flatnonzero(used_fold != fold)
-                    dist[sel] = _target_slate_dist(
-                        fold_model, name, [used_contexts[i] for i in sel.tolist()], k, top_k, e
-                    )
+                # each decision is evaluated by the copy whose bandit did not learn from it
+                dist = np.zeros((len(decisions.users), len(self.model.features), k))
+                for f, fold_model in cross[name].items():
+                    sel = np.flatnonzero(fold != f)
+                    dist[sel] = target_slate_dist(
+                        fold_model, name, [decisions.users[i] for i in sel.tolist()],
+                        decisions.exclude[sel], k, top_k, e,
+                    )  # fmt: skip
             else:
-                dist = _target_slate_dist(self.model, name, used_contexts, k, top_k, e)
-            # rows with no target mass at a position cannot sum to 1: give the rest to "none"
-            d = dist[cpos]
-            # per-round rewards; compared online with the per-recommendation rates (CTR and
-            # rec_adoption_7d), user-clustered on both sides
-            for metric in METRICS:
-                reward, mask = (x[row_idx] for x in rewards[metric])
-                if mask.sum() < 50:
+                dist = target_slate_dist(
+                    self.model, name, decisions.users, decisions.exclude, k, top_k, e
+                )
+            for metric, res in evaluate(decisions, dist).items():
+                if isinstance(res, str):
                     out.append({"variant": v.name, "strategy": strategy, "metric": metric,
-                                "skip": f"only {int(mask.sum())} logged rows with complete "
-                                        "windows after the burn-in, before the run "
+                                "skip": f"{res} after the burn-in, before the run "
                                         "(increase --warmup-days)"})  # fmt: skip
                     continue
-                dm = _per_round_dist(d[mask], position[mask], n_items)
-                q_table = tabular_reward_model(
-                    ctx_bucket[mask], action[mask], reward[mask], n_contexts=n_ctx,
-                    n_actions=n_items,
-                )  # fmt: skip
-                qhat = q_table[ctx_bucket[mask]]
-                qhat = np.hstack([qhat, np.zeros((qhat.shape[0], 1))])  # "shows nothing"
-                est = estimate_policy_value(
-                    action[mask], reward[mask], pscore[mask], dm, qhat, groups=groups[mask]
-                )
-                # the same target, by whether the logged item was the user's first, second
-                # or later showing of it (the experiment's policies repeat far more than
-                # the log does; see OPEByExposure)
-                strata = snips_by_stratum(
-                    action[mask], reward[mask], pscore[mask], dm, showing[mask],
-                    groups=groups[mask],
-                )  # fmt: skip
                 # "shows nothing" mass: rounds the target would leave empty count as reward
                 # 0 here, while online they are not rounds at all (kept small by the same
                 # eligibility and slate size on both sides; reported so it is visible)
                 out.append({"variant": v.name, "strategy": strategy, "metric": metric,
-                            "estimates": est, "n": int(mask.sum()),
-                            "empty_mass": float(dm[:, -1].mean()),
-                            "cross_fitted": name in cross, "strata": strata})  # fmt: skip
+                            "estimates": res.estimates, "n": res.n,
+                            "empty_mass": res.empty_mass, "cross_fitted": name in cross,
+                            "strata": res.strata})  # fmt: skip
         self._time("ope", t0)
         return out
 
@@ -1214,71 +1148,6 @@ class OnlineExperiment:
 def user_fold(user_id: str) -> int:
     """The cross-fitting half (0 or 1) a user belongs to: a stable hash of the id."""
     return zlib.crc32(user_id.encode()) & 1
-
-
-def _target_slate_dist(
-    model: Any, name: str, contexts: list[_LoggedContext], k: int, top_k: int, eps: float
-) -> np.ndarray:
-    """(contexts, n_items, k): probability that strategy ``name`` under the epsilon-greedy
-    slate policy shows item i at position p, for each logged context (its user state and
-    eligibility mask), from the model's public ``full_results`` in batches (see
-    :func:`_slate_dist`)."""
-    n_items = len(model.features)
-    out = np.zeros((len(contexts), n_items, k))
-    batch = 4096
-    for s0 in range(0, len(contexts), batch):
-        part = contexts[s0 : s0 + batch]
-        upstream, rank, _ = model.full_results(name, [c.user for c in part])
-        exclude = np.stack([c.exclude for c in part])
-        out[s0 : s0 + len(part)] = _slate_dist(upstream, rank, exclude, k, top_k, eps)
-    return out
-
-
-def _slate_dist(
-    upstream: np.ndarray, rank: np.ndarray, exclude: np.ndarray, k: int, top_k: int, eps: float
-) -> np.ndarray:
-    """(n, n_items, k): probability that the epsilon-greedy slate policy shows item i at
-    position p, for n users' unexcluded strategy results (``upstream`` candidate score,
-    ``rank`` greedy position, as SERVE's ``BundleModel.full_results``) and eligibility masks
-    ``exclude``. Same candidate logic as ``BundleModel.recommend`` (the ``top_k`` eligible
-    items by upstream score when there are more eligible, then the strategy's greedy order),
-    vectorised over users; the formula is
-    :func:`featurerec.models.ranking.slate_propensities`: (1 - eps) [greedy item at p] +
-    eps / n_candidates for every candidate while p < n_candidates."""
-    n, m = upstream.shape
-    out = np.zeros((n, m, k))
-    if n == 0:
-        return out
-    valid = ~exclude & np.isfinite(upstream)
-    n_valid = valid.sum(axis=1)
-    n_cand = np.minimum(n_valid, top_k)
-    t = min(top_k, m)
-    # stage 1 (as SERVE): with more than top_k eligible, the top_k by upstream score;
-    # otherwise all of them in item order (which breaks the greedy order's ties)
-    primary = np.where(n_valid[:, None] > top_k, -upstream.astype(np.float64), 0.0)
-    by_up = np.argsort(np.where(valid, primary, np.inf), axis=1, kind="stable")[:, :t]
-    rows = np.arange(n)[:, None]
-    in_cand = np.arange(t)[None, :] < n_cand[:, None]
-    key = np.where(in_cand, rank[rows, by_up].astype(np.int64), np.iinfo(np.int64).max)
-    cand = np.take_along_axis(by_up, np.argsort(key, axis=1, kind="stable"), axis=1)
-    member = np.zeros((n, m), dtype=bool)
-    member[rows, cand] = in_cand  # in_cand is a prefix, so it marks cand's first n_cand
-    share = eps / np.maximum(n_cand, 1)
-    for p in range(min(k, t)):
-        active = p < n_cand
-        out[:, :, p] = np.where(member & active[:, None], share[:, None], 0.0)
-        r = np.flatnonzero(active)
-        out[r, cand[r, p], p] += 1 - eps
-    return out
-
-
-def _per_round_dist(d: np.ndarray, position: np.ndarray, n_items: int) -> np.ndarray:
-    """Target probabilities at each logged round's position, (n, n_items + 1): the last
-    column is "shows nothing at this position", so every row sums to 1 as OPE requires."""
-    rows = np.arange(d.shape[0])
-    at = d[rows, :, position]
-    rest = np.clip(1.0 - at.sum(axis=1), 0.0, 1.0)
-    return np.hstack([at, rest[:, None]])
 
 
 # -- output ---------------------------------------------------------------------------------------
