@@ -491,3 +491,20 @@ def test_restart_rebuilds_exposure_from_a_log_with_context_lines(
             assert exposure.shown_7d[st.findex[f]] == shown.count(f)
     finally:
         again.close()
+
+
+def test_decision_context_logging_follows_the_setting(world: Settings) -> None:
+    for enabled in (True, False):
+        serving = world.serving.model_copy(update={"log_decision_context": enabled})
+        rt = ServingRuntime.from_settings(world.model_copy(update={"serving": serving}))
+        try:
+            res = rt.service.recommend(RecommendationRequest("usr_000011"))
+        finally:
+            rt.close()
+        assert res.recommendations
+        if enabled:
+            assert res.context_record is not None
+            assert res.context_record["request_id"] == res.request_id
+            assert res.log_lines() == [*res.log_records, res.context_record]
+        else:
+            assert res.context_record is None and res.log_lines() == res.log_records

@@ -140,6 +140,10 @@ class ServingConfig(_Section):
     reason_min_support: int = Field(default=20, ge=1)
     #: fsync the recommendation log before acknowledging (turn off only in tests).
     durable_log: bool = True
+    #: Log each served request's decision context (the user state scored and the eligible
+    #: features) for off-policy evaluation (``featurerec experiment ope``); about 400 bytes
+    #: of JSON per request on CloudFlow, before the warehouse compresses it.
+    log_decision_context: bool = True
     #: Seconds between checks of the landing folder for events other workers accepted.
     sync_interval_seconds: float = Field(default=0.5, gt=0)
 

@@ -447,7 +447,7 @@ class RecommendationService:
             }
             for it in items
         ]
-        if items and exclude is not None:
+        if items and exclude is not None and self.settings.serving.log_decision_context:
             result.context_record = decision_context(
                 request_id, req.user_id, now_dt, placement, len(items), user, exclude,
                 state.features, dep.candidate_generator.top_k, dep.ranker.exploration_rate,
