@@ -236,7 +236,27 @@ def print_ope_report(report: Any) -> None:
                     "max weight": e.max_weight,
                 }
             )
-    print_table(rows, title="candidate value per recommendation (user-clustered 95% CIs)")
+    print_table(
+        rows,
+        title="candidate value per recommendation (user-clustered 95% CIs)",
+        columns=["metric", "estimator", "estimate (95% CI)", "rounds", "ESS", "max weight"],
+    )
+    strata = [
+        {
+            "metric": metric,
+            "showing": name,
+            "snips (95% CI)": f"{fmt(x.estimate.value)} [{fmt(x.estimate.ci_low)}, "
+            f"{fmt(x.estimate.ci_high)}]",
+            "candidate's share": f"{x.target_share:.0%}",
+        }
+        for metric, res in report.results.items()
+        if not isinstance(res, str)
+        for name, x in res.strata.items()
+    ]
+    if strata:
+        # a policy that runs for weeks repeats what it showed: this says how the value
+        # changes with repeats and how much of the log's support is on them
+        print_table(strata, title="by the user's showing of the logged feature")
     for metric, res in report.results.items():
         if isinstance(res, str):
             continue
