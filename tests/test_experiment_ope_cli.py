@@ -22,20 +22,16 @@ from featurerec.experiments.offline import (
     target_slate_dist,
 )
 from featurerec.feedback.attribution import attribute
-from featurerec.pipeline.contracts import STAGE_FUNCTIONS, StageContext
 from featurerec.registry import registry_for
 from featurerec.serving.app import ServingRuntime
 from featurerec.serving.deployment import deployment_for
 from featurerec.serving.loader import load_model
 from featurerec.serving.reclog import load_reclog, reclog_dir
 from featurerec.serving.service import RecommendationRequest
-from featurerec.serving.snapshot import OnlineSnapshot
 from featurerec.serving.testing import (
-    FIXTURE_AS_OF,
     FIXTURE_FEATURES,
     fill_fixture_warehouse,
-    publish_bundle,
-    train_fixture_bundle,
+    publish_fixture_world,
 )
 from featurerec.warehouse.engine import open_warehouse
 
@@ -70,23 +66,7 @@ def logged_world(
     )
     with open_warehouse(settings) as engine:
         fill_fixture_warehouse(engine, n_users=300, seed=5)
-        (root / "work").mkdir()
-        ctx = StageContext(
-            settings=settings,
-            engine=engine,
-            registry=None,
-            as_of=FIXTURE_AS_OF,
-            params={},
-            stage={"name": "export_serving_state"},
-            work_dir=root / "work",
-        )
-        result = STAGE_FUNCTIONS["export_serving_state"](ctx)
-    assert result.artifact_dir is not None
-    reg = registry_for(settings)
-    reg.register("feature-recommender-online", result.artifact_dir, kind="state")
-    publish_bundle(
-        reg, train_fixture_bundle(OnlineSnapshot.load(result.artifact_dir)), root / "bundle"
-    )
+        publish_fixture_world(engine, settings, root / "work")
 
     # serve every user three times, with clicks drawn from CLICK_P
     rng = np.random.default_rng(11)
@@ -133,18 +113,8 @@ def test_logging_policy_replayed_on_its_own_log_gives_the_logged_rate(logged_wor
     out = json.loads(_cli(config, "reclog", "load", "--json"))
     assert out["recommendations_read"] > 1500 and out["contexts_read"] == served > 600
     _cli(config, "feedback", "attribute", "--as-of", f"{as_of:%Y-%m-%dT%H:%M:%S}")
-    got = json.loads(
-        _cli(
-            config,
-            "experiment",
-            "ope",
-            "--as-of",
-            f"{as_of:%Y-%m-%dT%H:%M:%S}",
-            "--since",
-            "2026-01-01",
-            "--json",
-        )
-    )
+    ope = ["experiment", "ope", "--as-of", f"{as_of:%Y-%m-%dT%H:%M:%S}", "--since", "2026-01-01"]
+    got = json.loads(_cli(config, *ope, "--json"))
     assert got["requests"] == served and got["missing_context"] == 0
     ctr = got["results"]["click_through_rate"]
     logged = ctr["logged"]["value"]
@@ -156,15 +126,7 @@ def test_logging_policy_replayed_on_its_own_log_gives_the_logged_rate(logged_wor
     assert ctr["estimates"]["ips"]["max_weight"] == pytest.approx(1.0)
     assert ctr["estimates"]["ips"]["effective_sample_size"] == pytest.approx(ctr["n"])
     # the table form says the same
-    text = _cli(
-        config,
-        "experiment",
-        "ope",
-        "--as-of",
-        f"{as_of:%Y-%m-%dT%H:%M:%S}",
-        "--since",
-        "2026-01-01",
-    )
+    text = _cli(config, *ope)
     for column in ("logged policy", "snips", "ESS", "max weight", "showing"):
         assert column in text
 

@@ -15,7 +15,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from featurerec.config import Settings
-from featurerec.pipeline.contracts import STAGE_FUNCTIONS, StageContext
 from featurerec.registry import Registry, registry_for
 from featurerec.serving.app import ServingRuntime, create_app
 from featurerec.serving.reclog import load_reclog
@@ -25,6 +24,7 @@ from featurerec.serving.testing import (
     FIXTURE_AS_OF,
     fill_fixture_warehouse,
     publish_bundle,
+    publish_fixture_world,
     train_fixture_bundle,
 )
 from featurerec.warehouse.engine import DuckDBEngine
@@ -42,22 +42,8 @@ def base_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     settings = Settings.model_validate({"data_dir": str(data)})
     engine = DuckDBEngine(":memory:")
     fill_fixture_warehouse(engine, n_users=300, seed=3)
-    ctx = StageContext(
-        settings=settings,
-        engine=engine,
-        registry=None,
-        as_of=FIXTURE_AS_OF,
-        params={},
-        stage={"name": "export_serving_state"},
-        work_dir=root / "work",
-    )
-    (root / "work").mkdir()
-    result = STAGE_FUNCTIONS["export_serving_state"](ctx)
-    assert result.artifact_dir is not None and result.rows == 300
-    reg = registry_for(settings)
-    reg.register("feature-recommender-online", result.artifact_dir, kind="state")
-    snap = OnlineSnapshot.load(result.artifact_dir)
-    publish_bundle(reg, train_fixture_bundle(snap), root / "bundle")
+    snap = publish_fixture_world(engine, settings, root / "work")
+    assert snap.n_users == 300
     engine.close()
     return data
 

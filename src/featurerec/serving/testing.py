@@ -239,3 +239,35 @@ def publish_bundle(registry: Any, bundle: Any, root: Any) -> dict[str, str]:
         registry.promote(name, mv.version, criteria=None, force=True, kind=kind, reason="test")
         out[name] = mv.uri
     return out
+
+
+def publish_fixture_world(engine: Any, settings: Any, work_dir: Any, *, seed: int = 0) -> Any:
+    """From a filled fixture warehouse: export the online-state snapshot (the pipeline's
+    ``export_serving_state`` stage), register it, train a small bundle on it and publish
+    that as production, so ``ServingRuntime.from_settings(settings)`` serves. Returns the
+    snapshot."""
+    from pathlib import Path
+
+    from featurerec.pipeline.contracts import STAGE_FUNCTIONS, StageContext
+    from featurerec.registry import registry_for
+    from featurerec.serving.snapshot import OnlineSnapshot
+
+    work = Path(work_dir)
+    (work / "stage").mkdir(parents=True, exist_ok=True)
+    ctx = StageContext(
+        settings=settings,
+        engine=engine,
+        registry=None,
+        as_of=FIXTURE_AS_OF,
+        params={},
+        stage={"name": "export_serving_state"},
+        work_dir=work / "stage",
+    )
+    result = STAGE_FUNCTIONS["export_serving_state"](ctx)
+    if result.artifact_dir is None:
+        raise RuntimeError("export_serving_state wrote no snapshot")
+    reg = registry_for(settings)
+    reg.register("feature-recommender-online", result.artifact_dir, kind="state")
+    snap = OnlineSnapshot.load(result.artifact_dir)
+    publish_bundle(reg, train_fixture_bundle(snap, seed=seed), work / "bundle")
+    return snap
