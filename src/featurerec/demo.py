@@ -62,7 +62,7 @@ def _free_port() -> int:
 def _serve_and_sample(data_flags: list[str], env: dict[str, str], once: bool) -> None:
     import httpx
 
-    console.rule("[bold]10. Serve /api/v1/recommendations (spec Stage 6) and send feedback")
+    console.rule("[bold]11. Serve /api/v1/recommendations (spec Stage 6) and send feedback")
     port = _free_port()
     args = [*data_flags, "serve", "--host", "127.0.0.1", "--port", str(port)]
     console.print(f"[dim]$ featurerec {' '.join(args)}[/dim]")
@@ -203,6 +203,11 @@ def demo(
         ),
         Step("8. Popularity bias (spec Stage 5)", [*online_flags, "report", "bias"]),
         Step("9. Cold start vs random (spec Stage 5)", [*online_flags, "report", "cold-start"]),
+        Step(
+            "10. Off-policy evaluation (spec Stage 8): collaborative_only judged from the "
+            "warm-up's logged propensities and decision contexts",
+            [*online_flags, "experiment", "ope", "--strategy", "collaborative_only"],
+        ),
     ]
     if (world / "manifest.json").exists():
         steps = steps[1:]  # the same seed would write the same world again
