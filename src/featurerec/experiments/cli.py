@@ -148,7 +148,7 @@ def ope_cmd(
     ctx: typer.Context,
     strategy: Annotated[
         str | None,
-        typer.Option(help="Strategy to evaluate (default: [serving] default_strategy)."),
+        typer.Option(help="Strategy to evaluate (default: the config's serving.default_strategy)."),
     ] = None,
     ranker: Annotated[
         str | None,
