@@ -152,6 +152,30 @@ def test_another_strategy_is_estimated_near_its_true_ctr(logged_world) -> None:
     assert abs(truth - res.logged.value) > 0.01
 
 
+def test_items_the_candidate_does_not_know_count_with_weight_zero(logged_world) -> None:
+    """A candidate without one of the logged items never shows it: those rounds stay in the
+    log with importance weight 0 (dropping them would inflate IPS)."""
+    settings, _config, as_of, _ = logged_world
+    model = load_model(registry_for(settings), deployment_for(settings))
+    kept = model.features[1:]
+    with open_warehouse(settings) as engine:
+        load_reclog(engine, reclog_dir(settings))
+        attribute(engine, as_of=as_of)
+        full = load_logged_decisions(engine, model.features, as_of=as_of)
+        less = load_logged_decisions(engine, kept, as_of=as_of)
+    shown_gone = int((full.action == 0).sum())
+    assert shown_gone > 0 and less.unknown_action == shown_gone and less.n == full.n
+    assert (less.action == len(kept)).sum() == shown_gone
+    # the logging policy's own distribution without the removed item's column
+    dist = target_slate_dist(model, "sequence_aware", full.users, full.exclude, 3, 20,
+                             EXPLORATION)[:, 1:, :]  # fmt: skip
+    res = evaluate(less, dist)["click_through_rate"]
+    assert not isinstance(res, str)
+    clicked = full.rounds.clicked.astype(float)
+    want = float(clicked[full.action != 0].sum() / full.n)
+    assert res.estimates["ips"].value == pytest.approx(want)
+
+
 def test_contexts_record_the_eligibility_serving_applied(logged_world) -> None:
     """No logged item is outside the eligible set its context recorded."""
     settings, _config, _as_of, served = logged_world

@@ -266,11 +266,15 @@ def print_ope_report(report: Any) -> None:
                 f"on items this log never showed and leaves {res.empty_mass:.1%} empty; the "
                 "estimate cannot see those rewards (a log with more exploration helps)[/yellow]"
             )
-    if report.missing_context or report.unknown_action:
+    if report.missing_context:
         console.print(
             f"[dim]left out: {report.missing_context:,} rounds without a decision context "
-            f"(logged before contexts were), {report.unknown_action:,} showing items the "
-            "candidate does not know[/dim]"
+            "(logged before contexts were, or with [serving] log_decision_context off)[/dim]"
+        )
+    if report.unknown_action:
+        console.print(
+            f"[dim]{report.unknown_action:,} rounds show items the candidate does not know "
+            "(counted with weight 0: it would never show them)[/dim]"
         )
     if report.overlaps_log:
         console.print(

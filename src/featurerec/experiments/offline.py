@@ -60,13 +60,17 @@ class LoggedDecisions:
     """The logged rounds that have a decision context, in a candidate's item space.
 
     Per round: ``rounds`` (rewards, user, time, showing), ``request`` (index into the
-    per-request arrays), ``action`` (item index in ``features``), ``position`` (0-based slot)
-    and ``pscore`` (the logging policy's propensity). Per request: ``users`` (the state the
-    logging model scored) and ``exclude`` (True = not eligible then; features the candidate
-    knows but the log's decision did not list as eligible count as not eligible).
-    ``missing_context`` counts rounds dropped because their request has no context row (logs
-    written before contexts were logged); ``unknown_action`` those whose item the candidate
-    does not know."""
+    per-request arrays), ``action`` (item index in ``features``; ``len(features)`` for an
+    item the candidate does not know, which it shows with probability 0), ``position``
+    (0-based slot) and ``pscore`` (the logging policy's propensity). Per request: ``users``
+    (the state the logging model scored) and ``exclude`` (True = not eligible then). A
+    decision logged with its ``eligible`` list makes every other feature ineligible; one
+    logged with its ``excluded`` list makes every other feature eligible, including features
+    serving did not know then (the candidate's mass on those shows up as
+    :attr:`CandidateEstimate.unlogged_mass`). ``missing_context`` counts rounds dropped
+    because their request has no context row (logs written before contexts were logged);
+    ``unknown_action`` counts the rounds showing an item the candidate does not know (kept:
+    dropping them would inflate IPS)."""
 
     rounds: Rounds
     request: np.ndarray
@@ -166,7 +170,7 @@ def load_logged_decisions(
         j = findex.get(row["recommended_feature"])
         if j is None:
             unknown += 1
-            continue
+            j = len(features)
         p = row["propensity"]
         if p is None or not 0 < float(p) <= 1:
             raise DataError(
@@ -279,12 +283,13 @@ def evaluate(
             f"got {dist.shape}"
         )
     n_items = len(d.features)
+    n_actions = n_items + 1  # the items, then "an item the candidate does not know"
     bucket = np.array([min(u.event_count, EVENT_CAP) // EVENT_BUCKET for u in d.users])
     ctx = bucket[d.request] if d.n else np.zeros(0, dtype=np.int64)
     n_ctx = EVENT_CAP // EVENT_BUCKET + 1
     showing = showing_stratum(d.rounds.showing)
     groups = d.rounds.user_id
-    ever = np.zeros(n_items, dtype=bool)
+    ever = np.zeros(n_actions, dtype=bool)
     ever[d.action] = True
     out: dict[str, CandidateEstimate | str] = {}
     for metric in metrics:
@@ -296,8 +301,10 @@ def evaluate(
             )
             continue
         a, r, p = d.action[closed], reward[closed], d.pscore[closed]
-        dm = per_round_dist(dist[d.request[closed]], d.position[closed])
-        q = tabular_reward_model(ctx[closed], a, r, n_contexts=n_ctx, n_actions=n_items)
+        at = per_round_dist(dist[d.request[closed]], d.position[closed])
+        # columns: the items, the unknown item (probability 0), "shows nothing"
+        dm = np.hstack([at[:, :-1], np.zeros((at.shape[0], 1)), at[:, -1:]])
+        q = tabular_reward_model(ctx[closed], a, r, n_contexts=n_ctx, n_actions=n_actions)
         qhat = np.hstack([q[ctx[closed]], np.zeros((int(closed.sum()), 1))])  # "nothing": 0
         g = groups[closed]
         out[metric] = CandidateEstimate(
@@ -306,7 +313,7 @@ def evaluate(
             estimates=estimate_policy_value(a, r, p, dm, qhat, groups=g),
             logged=online_rate(d.rounds.subset(closed), metric),
             empty_mass=float(dm[:, -1].mean()),
-            unlogged_mass=float(dm[:, :-1][:, ~ever].sum(axis=1).mean()),
+            unlogged_mass=float(dm[:, :n_items][:, ~ever[:n_items]].sum(axis=1).mean()),
             strata=snips_by_stratum(a, r, p, dm, showing[closed], groups=g),
         )
     return out
@@ -376,8 +383,7 @@ def evaluate_candidate(
         raise DataError(
             f"no logged recommendations to evaluate from between {since or 'the start'} and "
             f"{until} (served outside experiments, with a decision context: "
-            f"{decisions.missing_context} rounds have none, {decisions.unknown_action} show "
-            "items the candidate does not know). Load the serving log first "
+            f"{decisions.missing_context} rounds have none). Load the serving log first "
             "(`featurerec reclog load`, then `featurerec feedback attribute`)"
         )
     dep = deployment.models
