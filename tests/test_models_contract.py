@@ -140,6 +140,26 @@ def test_sequence_scores_pinned() -> None:
         SequenceScorer(decay=0)
 
 
+@pytest.mark.parametrize("n_features", [10, 60])
+def test_strongest_source_is_the_dense_argmax(n_features: int) -> None:
+    """The sparse strongest_source (a user's recent features only) equals the definition
+    argmax_f w[u, f] P(c | f) over all features, lowest id on ties, -1 where nothing
+    contributes."""
+    from featurerec.models.common import recency_matrix
+
+    data = toy_training_data(n_users=300, n_features=n_features, seed=1)
+    m = SequenceScorer().fit(data)
+    users = data.user_states()
+    ids = np.random.default_rng(0).integers(-1, n_features, (len(users), min(n_features, 20)))
+    w = recency_matrix(users, m.space, m.decay).toarray()
+    t = m.transitions.toarray()
+    contrib = w[:, None, :] * t.T[np.maximum(ids, 0)]
+    want = np.where((contrib.max(axis=2) > 0) & (ids >= 0), contrib.argmax(axis=2), -1)
+    got = m.strongest_source(users, ids)
+    assert (got >= 0).sum() > ids.size // 10  # the check is not vacuous
+    np.testing.assert_array_equal(got, want)
+
+
 def test_context_model_shrinks_small_groups_toward_global_rate() -> None:
     # 200 engineers: 50% use A; 2 designers: both use A; global rate ~ 0.5
     users = [f"e{i}" for i in range(200)] + ["d0", "d1"]

@@ -59,15 +59,34 @@ class SequenceScorer:
 
     def strongest_source(self, users: Sequence[UserState], item_ids: np.ndarray) -> np.ndarray:
         """For each (user, item) the recent feature whose transition contributes most to
-        the item's score (id), or -1 when none does; used by serving for reasons."""
-        w = recency_matrix(users, self.space, self.decay).toarray()  # (n, items)
-        t = self.transitions.toarray()  # (items, items)
-        safe = np.maximum(item_ids, 0)
-        # contribution[u, c, f] = w[u, f] * P(item_c | f)
-        contrib = w[:, None, :] * t.T[safe]  # (n, c, items)
-        best = contrib.argmax(axis=2)
-        has = contrib.max(axis=2) > 0
-        return np.where(has & (item_ids >= 0), best, -1)
+        the item's score (id), or -1 when none does; used by serving for reasons. Ties go to
+        the lowest feature id. Only the users' recent features are looked at (a handful
+        each), so the cost does not grow with items x items."""
+        ids = np.asarray(item_ids)
+        n = ids.shape[0]
+        out = np.full(ids.shape, -1, dtype=np.int64)
+        w = recency_matrix(users, self.space, self.decay).tocsr()
+        if w.nnz == 0 or ids.size == 0:
+            return out
+        w.sort_indices()  # each user's sources by id: argmax keeps the lowest on ties
+        counts = np.diff(w.indptr)
+        row = np.repeat(np.arange(n), counts)
+        slot = np.arange(w.nnz) - w.indptr[row]
+        width = int(counts.max())
+        sources, where = np.unique(w.indices, return_inverse=True)
+        src = np.full((n, width), -1, dtype=np.int64)
+        src[row, slot] = w.indices
+        at = np.zeros((n, width), dtype=np.int64)  # row of the source in `rows` below
+        at[row, slot] = where
+        wts = np.zeros((n, width), dtype=w.dtype)  # 0 pads: they never win
+        wts[row, slot] = w.data
+        rows = self.transitions[sources].toarray()  # (sources, items)
+        safe = np.maximum(ids, 0)
+        # contribution[u, r, c] = w[u, source r] * P(item c | source r)
+        contrib = wts[:, :, None] * rows[at[:, :, None], safe[:, None, :]]
+        best = np.take_along_axis(src, contrib.argmax(axis=1), axis=1)
+        has = contrib.max(axis=1) > 0
+        return np.where(has & (ids >= 0), best, out)
 
     def save(self, path: Path) -> None:
         t = self.transitions.tocoo()
