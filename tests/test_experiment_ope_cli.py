@@ -18,7 +18,6 @@ from featurerec.config import Settings
 from featurerec.experiments.offline import (
     evaluate,
     load_logged_decisions,
-    per_round_dist,
     target_slate_dist,
 )
 from featurerec.feedback.attribution import attribute
@@ -141,10 +140,12 @@ def test_another_strategy_is_estimated_near_its_true_ctr(logged_world) -> None:
         attribute(engine, as_of=as_of)
         d = load_logged_decisions(engine, model.features, as_of=as_of)
     assert d.n > 1500 and d.missing_context == 0
-    dist = target_slate_dist(model, "random", d.users, d.exclude, 3, 20, 1.0)
+    requests = np.arange(len(d.users))
+    dist = target_slate_dist(model, "random", d.users, d.exclude_rows(requests), 3, 20, 1.0)
     p = np.array([CLICK_P[f] for f in model.features])
-    truth = float((per_round_dist(dist[d.request], d.position)[:, :-1] @ p).mean())
-    res = evaluate(d, dist)["click_through_rate"]
+    # the random strategy's expected CTR at each logged slot, averaged over the rounds
+    truth = float((dist[d.request, :, d.position] @ p).mean())
+    res = evaluate(d, lambda req: dist[req])["click_through_rate"]
     assert not isinstance(res, str)
     snips = res.estimates["snips"]
     assert snips.ci_low <= truth <= snips.ci_high
@@ -167,9 +168,10 @@ def test_items_the_candidate_does_not_know_count_with_weight_zero(logged_world) 
     assert shown_gone > 0 and less.unknown_action == shown_gone and less.n == full.n
     assert (less.action == len(kept)).sum() == shown_gone
     # the logging policy's own distribution without the removed item's column
-    dist = target_slate_dist(model, "sequence_aware", full.users, full.exclude, 3, 20,
-                             EXPLORATION)[:, 1:, :]  # fmt: skip
-    res = evaluate(less, dist)["click_through_rate"]
+    requests = np.arange(len(full.users))
+    dist = target_slate_dist(model, "sequence_aware", full.users, full.exclude_rows(requests),
+                             3, 20, EXPLORATION)[:, 1:, :]  # fmt: skip
+    res = evaluate(less, lambda req: dist[req])["click_through_rate"]
     assert not isinstance(res, str)
     clicked = full.rounds.clicked.astype(float)
     want = float(clicked[full.action != 0].sum() / full.n)
@@ -223,3 +225,37 @@ def test_ope_errors_name_what_was_wrong(tmp_path, logged_world) -> None:
     assert isinstance(res.exception, FeaturerecError)
     assert "no logged recommendations" in str(res.exception)
     assert "featurerec reclog load" in str(res.exception)
+
+
+def test_evaluation_does_not_depend_on_the_chunking(logged_world, monkeypatch) -> None:
+    """Chunks of 7 requests give the same estimates as one chunk: only per-round terms are
+    kept between chunks."""
+    from featurerec.experiments import offline
+
+    settings, _config, as_of, _ = logged_world
+    model = load_model(registry_for(settings), deployment_for(settings))
+    with open_warehouse(settings) as engine:
+        load_reclog(engine, reclog_dir(settings))
+        attribute(engine, as_of=as_of)
+        d = load_logged_decisions(engine, model.features, as_of=as_of)
+    requests = np.arange(len(d.users))
+    dist = target_slate_dist(model, "collaborative_only", d.users, d.exclude_rows(requests),
+                             3, 20, EXPLORATION)  # fmt: skip
+    calls: list[int] = []
+
+    def dist_fn(req: np.ndarray) -> np.ndarray:
+        calls.append(len(req))
+        return dist[req]
+
+    whole = evaluate(d, dist_fn)
+    assert calls == [len(d.users)]
+    monkeypatch.setattr(offline, "CHUNK_CELLS", 7 * len(d.features) * 3)
+    calls.clear()
+    chunked = evaluate(d, dist_fn)
+    assert max(calls) == 7 and sum(calls) == len(d.users)
+    for metric, res in whole.items():
+        other = chunked[metric]
+        assert not isinstance(res, str) and not isinstance(other, str)
+        for name, est in res.estimates.items():
+            assert other.estimates[name] == pytest.approx(est), (metric, name)
+        assert other.empty_mass == pytest.approx(res.empty_mass)

@@ -9,8 +9,9 @@ candidate model on each logged decision, and estimates the candidate's CTR and 7
 adoption per recommendation with :mod:`featurerec.experiments.ope`'s estimators::
 
     decisions = load_logged_decisions(engine, model.features, as_of=..., start=..., end=...)
-    dist = target_slate_dist(model, "hybrid", decisions.users, decisions.exclude, k, top_k, eps)
-    results = evaluate(decisions, dist)          # one CandidateEstimate per metric
+    dist_fn = lambda req: target_slate_dist(model, "hybrid", [decisions.users[i] for i in req],
+                                            decisions.exclude_rows(req), k, top_k, eps)
+    results = evaluate(decisions, dist_fn, k=k)   # one CandidateEstimate per metric
 
 The candidate is replayed with the serving path's own candidate and slate logic
 (:func:`featurerec.models.ranking.slate_distribution`), so when the candidate *is* the
@@ -25,6 +26,7 @@ online experiment (``featurerec simulate experiment``) measures how far that car
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -37,8 +39,8 @@ from featurerec.experiments import stats as st
 from featurerec.experiments.ope import (
     OPEEstimate,
     StratumEstimate,
-    estimate_policy_value,
-    snips_by_stratum,
+    estimate_from_weights,
+    stratified_snips,
     tabular_reward_model,
 )
 from featurerec.experiments.rounds import (
@@ -63,7 +65,10 @@ class LoggedDecisions:
     per-request arrays), ``action`` (item index in ``features``; ``len(features)`` for an
     item the candidate does not know, which it shows with probability 0), ``position``
     (0-based slot) and ``pscore`` (the logging policy's propensity). Per request: ``users``
-    (the state the logging model scored) and ``exclude`` (True = not eligible then). A
+    (the state the logging model scored) and the eligibility, kept as the logged list
+    (``listed``: item indices; ``listed_eligible``: whether they are the eligible or the
+    excluded ones), since a dense (requests x items) mask does not fit in memory at 10,000
+    features; :meth:`exclude_rows` builds the mask for a chunk of requests. A
     decision logged with its ``eligible`` list makes every other feature ineligible; one
     logged with its ``excluded`` list makes every other feature eligible, including features
     serving did not know then (the candidate's mass on those shows up as
@@ -78,7 +83,8 @@ class LoggedDecisions:
     position: np.ndarray
     pscore: np.ndarray
     users: list[UserState]
-    exclude: np.ndarray
+    listed: list[np.ndarray]
+    listed_eligible: np.ndarray
     features: list[str]
     missing_context: int = 0
     unknown_action: int = 0
@@ -86,6 +92,15 @@ class LoggedDecisions:
     @property
     def n(self) -> int:
         return self.rounds.n
+
+    def exclude_rows(self, requests: np.ndarray) -> np.ndarray:
+        """(len(requests), n_items) eligibility mask, True = not eligible then."""
+        out = np.empty((len(requests), len(self.features)), dtype=bool)
+        for row, q in enumerate(np.asarray(requests).tolist()):
+            eligible_listed = bool(self.listed_eligible[q])
+            out[row] = eligible_listed
+            out[row, self.listed[q]] = not eligible_listed
+        return out
 
     @property
     def slate_size(self) -> int:
@@ -133,7 +148,8 @@ def load_logged_decisions(
         none,
         np.zeros(0),
         [],
-        np.zeros((0, len(features)), dtype=bool),
+        [],
+        np.zeros(0, dtype=bool),
         list(features),
     )
     if not rounds.n:
@@ -184,16 +200,15 @@ def load_logged_decisions(
         pscore.append(float(p))
     if not keep:
         return replace(empty, missing_context=missing, unknown_action=unknown)
-    # per request: the user state and, in the candidate's item order, the eligibility
-    exclude = np.ones((len(contexts), len(features)), dtype=bool)
-    for q, c in enumerate(contexts):
-        if c["eligible"] is not None:
-            idx = [findex[f] for f in _names(c["eligible"]) if f in findex]
-            exclude[q, idx] = False
-        else:
-            exclude[q] = False
-            idx = [findex[f] for f in _names(c["excluded"]) if f in findex]
-            exclude[q, idx] = True
+    # per request, in the candidate's item order: the logged eligible (or excluded) items
+    listed_eligible = np.array([c["eligible"] is not None for c in contexts], dtype=bool)
+    listed = [
+        np.array(
+            [findex[f] for f in _names(c["eligible"] if ok else c["excluded"]) if f in findex],
+            dtype=np.int64,
+        )
+        for c, ok in zip(contexts, listed_eligible.tolist(), strict=True)
+    ]
     mask = np.zeros(rounds.n, dtype=bool)
     mask[keep] = True
     return LoggedDecisions(
@@ -203,7 +218,8 @@ def load_logged_decisions(
         np.asarray(position, dtype=np.int64),
         np.asarray(pscore, dtype=np.float64),
         [_user(c) for c in contexts],
-        exclude,
+        listed,
+        listed_eligible,
         list(features),
         missing,
         unknown,
@@ -235,16 +251,6 @@ def target_slate_dist(
     return out
 
 
-def per_round_dist(d: np.ndarray, position: np.ndarray) -> np.ndarray:
-    """Target probabilities at each round's slot, (n, n_items + 1), from its request's
-    (n, n_items, k) distribution: the last column is "shows nothing at this slot", so every
-    row sums to 1 as the estimators require."""
-    rows = np.arange(d.shape[0])
-    at = d[rows, :, position]
-    rest = np.clip(1.0 - at.sum(axis=1), 0.0, 1.0)
-    return np.hstack([at, rest[:, None]])
-
-
 @dataclass(frozen=True)
 class CandidateEstimate:
     """A candidate's value per recommendation for one metric, estimated from the log.
@@ -266,55 +272,102 @@ class CandidateEstimate:
     strata: dict[str, StratumEstimate]
 
 
+#: A request chunk's slate distribution is (chunk, n_items, k) float64; chunks are sized
+#: to keep it under this many cells (~130 MB).
+CHUNK_CELLS = 1 << 24
+
+
+def chunk_size(n_items: int, k: int) -> int:
+    """Requests per chunk so that a chunk's (chunk, n_items, k) array stays < CHUNK_CELLS."""
+    return max(1, min(4096, CHUNK_CELLS // max(1, n_items * k)))
+
+
 def evaluate(
     decisions: LoggedDecisions,
-    dist: np.ndarray,
+    dist_fn: Callable[[np.ndarray], np.ndarray],
     metrics: tuple[str, ...] = tuple(METRICS),
     min_rounds: int = 50,
+    k: int | None = None,
 ) -> dict[str, CandidateEstimate | str]:
-    """Per metric: the candidate's :class:`CandidateEstimate` from the request-level slate
-    distribution ``dist`` (:func:`target_slate_dist`), or a sentence saying why not (fewer
-    than ``min_rounds`` rounds whose window has closed). Intervals are user-clustered; DR's
-    reward model is the mean reward per (event-count bucket, item)."""
+    """Per metric: the candidate's :class:`CandidateEstimate`, or a sentence saying why not
+    (fewer than ``min_rounds`` rounds whose window has closed). ``dist_fn(requests)`` gives
+    the candidate's slate distribution for those request indices, (len, n_items, >= k) as
+    :func:`target_slate_dist`; it is called chunk by chunk, and only each round's per-slot
+    terms are kept (the candidate's probability of the logged item, its expected reward-model
+    value, its empty and unlogged mass), so memory does not grow with items x requests.
+    Intervals are user-clustered; DR's reward model is the mean reward per (event-count
+    bucket, item)."""
     d = decisions
-    if dist.shape[:2] != (len(d.users), len(d.features)):
-        raise DataError(
-            f"dist must be (requests, items, k) = ({len(d.users)}, {len(d.features)}, k), "
-            f"got {dist.shape}"
-        )
     n_items = len(d.features)
     n_actions = n_items + 1  # the items, then "an item the candidate does not know"
+    k = k or max(d.slate_size, 1)
     bucket = np.array([min(u.event_count, EVENT_CAP) // EVENT_BUCKET for u in d.users])
     ctx = bucket[d.request] if d.n else np.zeros(0, dtype=np.int64)
     n_ctx = EVENT_CAP // EVENT_BUCKET + 1
-    showing = showing_stratum(d.rounds.showing)
-    groups = d.rounds.user_id
     ever = np.zeros(n_actions, dtype=bool)
     ever[d.action] = True
+    unlogged_items = ~ever[:n_items]
+    rewards = {m: d.rounds.reward(m) for m in metrics}
+    # the reward models (logged data only), one per metric, items + the unknown item
+    q = {
+        m: tabular_reward_model(ctx[c], d.action[c], r[c], n_contexts=n_ctx, n_actions=n_actions)
+        for m, (r, c) in rewards.items()
+        if c.any()
+    }
+    target = np.zeros(d.n)  # the candidate's probability of the logged item at its slot
+    slot_mass = np.zeros(d.n)
+    unlogged = np.zeros(d.n)
+    q_expected = {m: np.zeros(d.n) for m in q}
+    by_request = np.argsort(d.request, kind="stable")
+    bounds = np.searchsorted(d.request[by_request], np.arange(len(d.users) + 1))
+    step = chunk_size(n_items, k)
+    for r0 in range(0, len(d.users), step):
+        r1 = min(r0 + step, len(d.users))
+        sel = by_request[bounds[r0] : bounds[r1]]
+        if not sel.size:
+            continue
+        dist = dist_fn(np.arange(r0, r1))
+        if dist.shape[:2] != (r1 - r0, n_items) or dist.shape[2] < k:
+            raise DataError(
+                f"dist_fn must give (requests, items, >= {k}) = ({r1 - r0}, {n_items}, {k}), "
+                f"got {dist.shape}"
+            )
+        at = dist[d.request[sel] - r0, :, d.position[sel]]  # (rounds, items)
+        a = d.action[sel]
+        known = a < n_items
+        target[sel] = np.where(known, at[np.arange(sel.size), np.minimum(a, n_items - 1)], 0.0)
+        slot_mass[sel] = at.sum(axis=1)
+        unlogged[sel] = at[:, unlogged_items].sum(axis=1)
+        for m, table in q.items():
+            q_expected[m][sel] = np.einsum("ri,ri->r", at, table[ctx[sel], :n_items])
+    if np.any(slot_mass > 1 + 1e-6):
+        raise DataError("the candidate's slate distribution puts more than 1 on a slot")
+    showing = showing_stratum(d.rounds.showing)
+    groups = d.rounds.user_id
+    weight = target / d.pscore
     out: dict[str, CandidateEstimate | str] = {}
-    for metric in metrics:
-        reward, closed = d.rounds.reward(metric)
+    for metric, (reward, closed) in rewards.items():
         if int(closed.sum()) < min_rounds:
             out[metric] = (
                 f"only {int(closed.sum())} logged rows with complete {metric} windows "
                 f"(need {min_rounds})"
             )
             continue
-        a, r, p = d.action[closed], reward[closed], d.pscore[closed]
-        at = per_round_dist(dist[d.request[closed]], d.position[closed])
-        # columns: the items, the unknown item (probability 0), "shows nothing"
-        dm = np.hstack([at[:, :-1], np.zeros((at.shape[0], 1)), at[:, -1:]])
-        q = tabular_reward_model(ctx[closed], a, r, n_contexts=n_ctx, n_actions=n_actions)
-        qhat = np.hstack([q[ctx[closed]], np.zeros((int(closed.sum()), 1))])  # "nothing": 0
-        g = groups[closed]
+        r, w, g = reward[closed], weight[closed], groups[closed]
         out[metric] = CandidateEstimate(
             metric=metric,
             n=int(closed.sum()),
-            estimates=estimate_policy_value(a, r, p, dm, qhat, groups=g),
+            estimates=estimate_from_weights(
+                r,
+                w,
+                q_logged=q[metric][ctx[closed], d.action[closed]],
+                q_expected=q_expected[metric][closed],
+                groups=g,
+            ),
             logged=online_rate(d.rounds.subset(closed), metric),
-            empty_mass=float(dm[:, -1].mean()),
-            unlogged_mass=float(dm[:, :n_items][:, ~ever[:n_items]].sum(axis=1).mean()),
-            strata=snips_by_stratum(a, r, p, dm, showing[closed], groups=g),
+            empty_mass=float(np.clip(1.0 - slot_mass[closed], 0.0, 1.0).mean()),
+            unlogged_mass=float(unlogged[closed].mean()),
+            strata=stratified_snips(r, w, showing[closed], groups=g),
         )
     return out
 
@@ -389,9 +442,12 @@ def evaluate_candidate(
     dep = deployment.models
     eps = 1.0 if name == "random" else dep.ranker.exploration_rate
     k = max(dep.ranker.output_k, decisions.slate_size)
-    dist = target_slate_dist(
-        model, name, decisions.users, decisions.exclude, k, dep.candidate_generator.top_k, eps
-    )
+
+    def dist_fn(requests: np.ndarray) -> np.ndarray:
+        users = [decisions.users[i] for i in requests.tolist()]
+        exclude = decisions.exclude_rows(requests)
+        return target_slate_dist(model, name, users, exclude, k, dep.candidate_generator.top_k, eps)
+
     trained = _trained_as_of(registry, deployment.models.ranker.model_uri)
     return CandidateReport(
         candidate=model.version,
@@ -406,7 +462,7 @@ def evaluate_candidate(
         trained_as_of=trained,
         overlaps_log=trained is not None
         and trained > (since or decisions.rounds.generated_at.min().astype(datetime)),
-        results=evaluate(decisions, dist),
+        results=evaluate(decisions, dist_fn, k=k),
     )
 
 

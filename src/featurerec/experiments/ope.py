@@ -23,7 +23,9 @@ Estimators, with w_i = pi(a_i | x_i) / pscore_i:
   propensities or the reward model are right, and lower variance when q is good.
 
 Intervals are normal approximations (delta method for SNIPS); with ``groups`` the per-round
-terms are summed per cluster first.
+terms are summed per cluster first. :func:`estimate_from_weights` and
+:func:`stratified_snips` take the per-round terms instead of ``action_dist`` (for large item
+spaces, where the caller computes them chunk by chunk).
 
 Example::
 
@@ -175,6 +177,75 @@ def _prep(
     return a, r, w, dist, pos
 
 
+def _check_weights(reward: np.ndarray, weight: np.ndarray, groups: np.ndarray | None) -> None:
+    n = reward.shape[0]
+    if n == 0:
+        raise DataError("off-policy evaluation needs at least one logged round (got 0)")
+    if weight.shape != (n,):
+        raise DataError(f"weight must have shape ({n},) like reward (got {weight.shape})")
+    if groups is not None and groups.shape[0] != n:
+        raise DataError(f"groups must have {n} entries (got {groups.shape[0]})")
+    if np.any(~np.isfinite(weight)) or np.any(weight < 0):
+        raise DataError("importance weights must be finite and >= 0")
+
+
+def _ips(r: np.ndarray, w: np.ndarray, groups: np.ndarray | None) -> OPEEstimate:
+    value, se = _mean_ci(w * r, groups)
+    return _estimate("ips", value, se, w)
+
+
+def _snips(r: np.ndarray, w: np.ndarray, groups: np.ndarray | None) -> OPEEstimate:
+    if w.sum() <= 0:
+        raise DataError(
+            "the target policy puts zero probability on every logged action: no overlap "
+            "with the logging policy, so nothing can be estimated"
+        )
+    value = float(np.sum(w * r) / np.sum(w))
+    if groups is None:
+        se = _ratio_se(w * r, w, value)
+    else:
+        _, inv = np.unique(groups, return_inverse=True)
+        se = _ratio_se(np.bincount(inv, weights=w * r), np.bincount(inv, weights=w), value)
+    return _estimate("snips", value, se, w)
+
+
+def _dr(
+    r: np.ndarray,
+    w: np.ndarray,
+    q_logged: np.ndarray,
+    q_expected: np.ndarray,
+    groups: np.ndarray | None,
+) -> OPEEstimate:
+    value, se = _mean_ci(q_expected + w * (r - q_logged), groups)
+    return _estimate("dr", value, se, w)
+
+
+def estimate_from_weights(
+    reward: np.ndarray,
+    weight: np.ndarray,
+    *,
+    q_logged: np.ndarray | None = None,
+    q_expected: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+) -> dict[str, OPEEstimate]:
+    """IPS, SNIPS and (with both reward-model terms) DR from per-round terms only:
+    ``weight`` w_i = pi(a_i | x_i) / pscore_i, ``q_logged`` q(x_i, a_i) and ``q_expected``
+    sum_a pi(a | x_i) q(x_i, a). The same estimates as :func:`estimate_policy_value`,
+    without an (n, n_actions) ``action_dist``: with 10,000 features a caller computes the
+    terms chunk by chunk (:func:`featurerec.experiments.offline.evaluate`)."""
+    r = np.asarray(reward, dtype=np.float64)
+    w = np.asarray(weight, dtype=np.float64)
+    _check_weights(r, w, groups)
+    out = {"ips": _ips(r, w, groups), "snips": _snips(r, w, groups)}
+    if q_logged is not None and q_expected is not None:
+        ql = np.asarray(q_logged, dtype=np.float64)
+        qe = np.asarray(q_expected, dtype=np.float64)
+        if ql.shape != r.shape or qe.shape != r.shape:
+            raise DataError(f"q_logged and q_expected must have shape {r.shape}")
+        out["dr"] = _dr(r, w, ql, qe, groups)
+    return out
+
+
 def ips(
     action: np.ndarray,
     reward: np.ndarray,
@@ -186,8 +257,7 @@ def ips(
 ) -> OPEEstimate:
     """Inverse propensity scoring."""
     _, r, w, _, _ = _prep(action, reward, pscore, action_dist, position, groups)
-    value, se = _mean_ci(w * r, groups)
-    return _estimate("ips", value, se, w)
+    return _ips(r, w, groups)
 
 
 def snips(
@@ -201,18 +271,7 @@ def snips(
 ) -> OPEEstimate:
     """Self-normalised IPS, with a delta-method interval (ratio of two means)."""
     _, r, w, _, _ = _prep(action, reward, pscore, action_dist, position, groups)
-    if w.sum() <= 0:
-        raise DataError(
-            "the target policy puts zero probability on every logged action: no overlap "
-            "with the logging policy, so nothing can be estimated"
-        )
-    value = float(np.sum(w * r) / np.sum(w))
-    if groups is None:
-        se = _ratio_se(w * r, w, value)
-    else:
-        _, inv = np.unique(groups, return_inverse=True)
-        se = _ratio_se(np.bincount(inv, weights=w * r), np.bincount(inv, weights=w), value)
-    return _estimate("snips", value, se, w)
+    return _snips(r, w, groups)
 
 
 def dr(
@@ -232,10 +291,7 @@ def dr(
         raise DataError(
             f"estimated_rewards must have the shape of action_dist {dist.shape} (got {q.shape})"
         )
-    q_logged = _target_prob(a, q, pos)
-    terms = _expected_q(dist, q, pos) + w * (r - q_logged)
-    value, se = _mean_ci(terms, groups)
-    return _estimate("dr", value, se, w)
+    return _dr(r, w, _target_prob(a, q, pos), _expected_q(dist, q, pos), groups)
 
 
 def estimate_policy_value(
@@ -321,21 +377,31 @@ def snips_by_stratum(
     shapes its own history (it repeats what it showed before), so its stratum shares
     online can differ from these: :func:`remix` recombines the per-stratum values at other
     shares. Strata with no target mass are left out."""
-    a, r, w, dist, pos = _prep(action, reward, pscore, action_dist, position, groups)
+    _, r, w, _, _ = _prep(action, reward, pscore, action_dist, position, groups)
+    return stratified_snips(r, w, strata, groups=groups)
+
+
+def stratified_snips(
+    reward: np.ndarray,
+    weight: np.ndarray,
+    strata: np.ndarray,
+    *,
+    groups: np.ndarray | None = None,
+) -> dict[str, StratumEstimate]:
+    """:func:`snips_by_stratum` from per-round importance weights."""
+    r = np.asarray(reward, dtype=np.float64)
+    w = np.asarray(weight, dtype=np.float64)
+    _check_weights(r, w, groups)
     s = np.asarray(strata).astype(str)
-    if s.shape != a.shape:
-        raise DataError(f"strata must have one entry per round ({a.shape[0]}), got {s.shape}")
+    if s.shape != r.shape:
+        raise DataError(f"strata must have one entry per round ({r.shape[0]}), got {s.shape}")
     total = float(w.sum())
     out: dict[str, StratumEstimate] = {}
     for name in sorted(set(s.tolist())):
         m = s == name
         if float(w[m].sum()) <= 0:
             continue
-        est = snips(
-            a[m], r[m], np.asarray(pscore, dtype=np.float64)[m], dist[m],
-            position=None if pos is None else pos[m],
-            groups=None if groups is None else np.asarray(groups)[m],
-        )  # fmt: skip
+        est = _snips(r[m], w[m], None if groups is None else np.asarray(groups)[m])
         out[name] = StratumEstimate(name, est, float(w[m].sum()) / total)
     return out
 

@@ -74,6 +74,7 @@ events SIM adds for clicks are lost for clicks on the day before the one being a
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import shutil
 import time
@@ -924,11 +925,7 @@ class OnlineExperiment:
         decisions read back from the warehouse, each variant's strategy replayed on them).
         Rewards, denominators and censoring are :mod:`featurerec.experiments.rounds`' (the
         online side of the comparison uses the same definitions)."""
-        from featurerec.experiments.offline import (
-            evaluate,
-            load_logged_decisions,
-            target_slate_dist,
-        )
+        from featurerec.experiments.offline import evaluate, load_logged_decisions
         from featurerec.feedback.attribution import attribute
 
         self.flush()
@@ -965,20 +962,11 @@ class OnlineExperiment:
                 continue
             name = self.model.strategy_name(strategy or self.settings.serving.default_strategy)
             e = 1.0 if name == "random" else eps
-            if name in cross:
-                # each decision is evaluated by the copy whose bandit did not learn from it
-                dist = np.zeros((len(decisions.users), len(self.model.features), k))
-                for f, fold_model in cross[name].items():
-                    sel = np.flatnonzero(fold != f)
-                    dist[sel] = target_slate_dist(
-                        fold_model, name, [decisions.users[i] for i in sel.tolist()],
-                        decisions.exclude[sel], k, top_k, e,
-                    )  # fmt: skip
-            else:
-                dist = target_slate_dist(
-                    self.model, name, decisions.users, decisions.exclude, k, top_k, e
-                )
-            for metric, res in evaluate(decisions, dist).items():
+            # each decision of a bandit strategy is evaluated by the copy whose bandit did
+            # not learn from it (cross-fitting)
+            copies = cross.get(name, {0: self.model, 1: self.model})
+            dist_fn = functools.partial(_fold_dist, copies, fold, name, decisions, k, top_k, e)
+            for metric, res in evaluate(decisions, dist_fn, k=k).items():
                 if isinstance(res, str):
                     out.append({"variant": v.name, "strategy": strategy, "metric": metric,
                                 "skip": f"{res} after the burn-in, before the run "
@@ -1143,6 +1131,30 @@ class OnlineExperiment:
                                   on.ci_high, inside, log_share, on_share)
                 )  # fmt: skip
         return out
+
+
+def _fold_dist(
+    copies: dict[int, Any],
+    fold: np.ndarray,
+    name: str,
+    decisions: Any,
+    k: int,
+    top_k: int,
+    eps: float,
+    requests: np.ndarray,
+) -> np.ndarray:
+    """The slate distribution of ``requests`` (:func:`~featurerec.experiments.offline.evaluate`'s
+    ``dist_fn``), each request's by the model copy of the other user fold."""
+    from featurerec.experiments.offline import target_slate_dist
+
+    out = np.zeros((len(requests), len(decisions.features), k))
+    for f, model in copies.items():
+        rows = np.flatnonzero(fold[requests] != f)
+        if rows.size:
+            req = requests[rows]
+            out[rows] = target_slate_dist(model, name, [decisions.users[i] for i in req.tolist()],
+                                          decisions.exclude_rows(req), k, top_k, eps)  # fmt: skip
+    return out
 
 
 def user_fold(user_id: str) -> int:
