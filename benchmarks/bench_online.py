@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +21,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from scipy.stats import norm
 
+from _machine import machine_facts  # benchmarks/_machine.py
 from featurerec.cli_common import to_json
 from featurerec.config import Settings
 from featurerec.experiments.rounds import SHOWINGS
@@ -117,13 +116,7 @@ def main() -> int:
     out = {
         "benchmark": "online",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cores": os.cpu_count(),
-            "load_average_before": load_before,
-            "load_average_after": os.getloadavg(),
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-        },
+        "machine": machine_facts(load_before),
         "config": vars(args),
         "seconds": round(seconds, 1),
         "target_seconds": TARGET_SECONDS,

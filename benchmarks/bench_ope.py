@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import time
 import tracemalloc
 from datetime import UTC, datetime, timedelta
@@ -30,6 +28,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np
 
+from _machine import machine_facts  # benchmarks/_machine.py
 from featurerec.experiments.offline import LoggedDecisions, evaluate, target_slate_dist
 from featurerec.experiments.rounds import Rounds
 from featurerec.models.als import ALSParams
@@ -142,13 +141,7 @@ def main() -> int:
     out = {
         "benchmark": "ope",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cores": os.cpu_count(),
-            "load_average_before": load_before,
-            "load_average_after": os.getloadavg(),
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-        },
+        "machine": machine_facts(load_before),
         "config": vars(args),
         "rounds": log.n,
         "train_seconds": round(train_s, 1),
