@@ -259,3 +259,36 @@ def test_evaluation_does_not_depend_on_the_chunking(logged_world, monkeypatch) -
         for name, est in res.estimates.items():
             assert other.estimates[name] == pytest.approx(est), (metric, name)
         assert other.empty_mass == pytest.approx(res.empty_mass)
+
+
+def test_rounds_served_inside_experiments_are_used_unless_excluded(logged_world, tmp_path):
+    """A deployment that always runs an experiment still has a log to judge candidates on:
+    the variants' rounds carry their own propensities. --no-experiments leaves them out."""
+    import shutil
+
+    settings, _config, as_of, _ = logged_world
+    data = tmp_path / "data"
+    shutil.copytree(settings.data_path, data)
+    copy = Settings.model_validate(
+        {"data_dir": str(data), "serving": settings.serving.model_dump()}
+    )
+    with open_warehouse(copy) as engine:
+        load_reclog(engine, reclog_dir(copy))
+        engine.execute(
+            "UPDATE ml.recommendation_log SET experiment = 'exp', variant = 'a' "
+            "WHERE hash(user_id) % 2 = 0"
+        )
+        attribute(engine, as_of=as_of)
+        n_exp = engine.scalar(
+            "SELECT COUNT(*) FROM ml.recommendation_feedback WHERE experiment = 'exp'"
+        )
+    config = tmp_path / "featurerec.toml"
+    config.write_text(
+        f'data_dir = "{data}"\n\n[serving]\ndeployment = "{copy.serving.deployment}"\n'
+    )
+    ope = ["experiment", "ope", "--as-of", f"{as_of:%Y-%m-%dT%H:%M:%S}", "--since", "2026-01-01"]
+    every = json.loads(_cli(config, *ope, "--json"))
+    outside = json.loads(_cli(config, *ope, "--no-experiments", "--json"))
+    assert n_exp > 0 and every["rounds"] == outside["rounds"] + n_exp
+    # the same logging policy served both halves: every weight is still 1
+    assert every["results"]["click_through_rate"]["estimates"]["ips"]["max_weight"] == 1.0

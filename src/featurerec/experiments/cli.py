@@ -173,6 +173,14 @@ def ope_cmd(
         str | None,
         typer.Option("--as-of", help="Rewards known up to here (default: latest in warehouse)."),
     ] = None,
+    experiments: Annotated[
+        bool,
+        typer.Option(
+            "--experiments/--no-experiments",
+            help="Use the rounds served inside experiments too (each logged with its "
+            "variant's propensities).",
+        ),
+    ] = True,
     json_out: Json = False,
 ) -> None:
     """Off-policy evaluation: estimate a candidate model's CTR and 7-day adoption per
@@ -204,6 +212,7 @@ def ope_cmd(
             ranker_uri=ranker,
             candidate_generator_uri=candidate_generator,
             index_uri=index,
+            experiments=experiments,
         )
     if json_out:
         print_json(report)

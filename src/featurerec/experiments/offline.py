@@ -130,16 +130,21 @@ def load_logged_decisions(
     as_of: datetime,
     start: datetime | None = None,
     end: datetime | None = None,
+    experiments: bool = True,
     include_random: bool = True,
 ) -> LoggedDecisions:
-    """The rounds served outside experiments in [``start``, ``end``] (by ``as_of``; see
-    :func:`load_rounds`, ``logging=True``) with their logged action, slot, propensity and
-    decision context, mapped onto ``features`` (a candidate model's item order). Run
-    attribution as of ``as_of`` first. :class:`DataError` when a logged propensity is not in
-    (0, 1]."""
+    """The rounds served in [``start``, ``end``] (by ``as_of``) with their logged action,
+    slot, propensity and decision context, mapped onto ``features`` (a candidate model's
+    item order). Every served round is a valid log, whoever served it: its propensity is
+    the probability under the policy that served that user (an experiment's variant, a
+    random holdout, production). With ``experiments=False`` only the rounds served outside
+    experiments count, and with ``include_random=False`` not those of the random strategy
+    either (:func:`load_rounds`, ``logging=True``). Run attribution as of ``as_of`` first.
+    :class:`DataError` when a logged propensity is not in (0, 1]."""
     rounds = load_rounds(
-        engine, as_of=as_of, start=start, end=end, logging=True, include_random=include_random
-    )
+        engine, as_of=as_of, start=start, end=end, logging=not experiments,
+        include_random=include_random,
+    )  # fmt: skip
     none = np.zeros(0, dtype=np.int64)
     empty = LoggedDecisions(
         rounds.subset(np.zeros(rounds.n, dtype=bool)),
@@ -407,6 +412,7 @@ def evaluate_candidate(
     ranker_uri: str | None = None,
     candidate_generator_uri: str | None = None,
     index_uri: str | None = None,
+    experiments: bool = True,
 ) -> CandidateReport:
     """Replay a registered model (the deployment's, with any URI overridden) with
     ``strategy`` on the logged decisions in [``since``, ``until``] and estimate its CTR and
@@ -431,12 +437,14 @@ def evaluate_candidate(
     model = load_model(registry, deployment)
     name = model.strategy_name(strategy)
     until = until or as_of
-    decisions = load_logged_decisions(engine, model.features, as_of=as_of, start=since, end=until)
+    decisions = load_logged_decisions(
+        engine, model.features, as_of=as_of, start=since, end=until, experiments=experiments
+    )
     if not decisions.n:
         raise DataError(
             f"no logged recommendations to evaluate from between {since or 'the start'} and "
-            f"{until} (served outside experiments, with a decision context: "
-            f"{decisions.missing_context} rounds have none). Load the serving log first "
+            f"{until}{'' if experiments else ' outside experiments'} with a decision context "
+            f"({decisions.missing_context} rounds have none). Load the serving log first "
             "(`featurerec reclog load`, then `featurerec feedback attribute`)"
         )
     dep = deployment.models

@@ -940,7 +940,7 @@ class OnlineExperiment:
         end = self._dt((self.day - 1) * DAY_US) - timedelta(microseconds=1)
         decisions = load_logged_decisions(
             self.engine, self.model.features, as_of=as_of, start=self.ope_log_start, end=end,
-            include_random=self.cfg.logging_policy == "mixture",
+            experiments=False, include_random=self.cfg.logging_policy == "mixture",
         )  # fmt: skip
         out: list[dict[str, Any]] = []
         if not decisions.n:
