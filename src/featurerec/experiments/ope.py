@@ -87,6 +87,22 @@ def _expected_q(
     return np.sum(action_dist[rows, :, pos] * estimated_rewards[rows, :, pos], axis=1)
 
 
+def _q_terms(
+    action: np.ndarray,
+    action_dist: np.ndarray,
+    estimated_rewards: np.ndarray,
+    position: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """DR's reward-model terms per round: q(x_i, a_i) and sum_a pi(a | x_i) q(x_i, a)."""
+    q = np.asarray(estimated_rewards, dtype=np.float64)
+    if q.shape != action_dist.shape:
+        raise DataError(
+            "estimated_rewards must have the shape of action_dist "
+            f"{action_dist.shape} (got {q.shape})"
+        )
+    return _target_prob(action, q, position), _expected_q(action_dist, q, position)
+
+
 def _check(
     action: np.ndarray,
     reward: np.ndarray,
@@ -286,12 +302,8 @@ def dr(
 ) -> OPEEstimate:
     """Doubly robust: the reward model's value plus an IPS-weighted correction."""
     a, r, w, dist, pos = _prep(action, reward, pscore, action_dist, position, groups)
-    q = np.asarray(estimated_rewards, dtype=np.float64)
-    if q.shape != dist.shape:
-        raise DataError(
-            f"estimated_rewards must have the shape of action_dist {dist.shape} (got {q.shape})"
-        )
-    return _dr(r, w, _target_prob(a, q, pos), _expected_q(dist, q, pos), groups)
+    q_logged, q_expected = _q_terms(a, dist, estimated_rewards, pos)
+    return _dr(r, w, q_logged, q_expected, groups)
 
 
 def estimate_policy_value(
@@ -304,22 +316,13 @@ def estimate_policy_value(
     position: np.ndarray | None = None,
     groups: np.ndarray | None = None,
 ) -> dict[str, OPEEstimate]:
-    """IPS, SNIPS and (when ``estimated_rewards`` is given) DR at once."""
-    out = {
-        "ips": ips(action, reward, pscore, action_dist, position=position, groups=groups),
-        "snips": snips(action, reward, pscore, action_dist, position=position, groups=groups),
-    }
-    if estimated_rewards is not None:
-        out["dr"] = dr(
-            action,
-            reward,
-            pscore,
-            action_dist,
-            estimated_rewards,
-            position=position,
-            groups=groups,
-        )
-    return out
+    """IPS, SNIPS and (when ``estimated_rewards`` is given) DR at once: the inputs are
+    checked and the weights computed once, then :func:`estimate_from_weights`."""
+    a, r, w, dist, pos = _prep(action, reward, pscore, action_dist, position, groups)
+    if estimated_rewards is None:
+        return estimate_from_weights(r, w, groups=groups)
+    q_logged, q_expected = _q_terms(a, dist, estimated_rewards, pos)
+    return estimate_from_weights(r, w, q_logged=q_logged, q_expected=q_expected, groups=groups)
 
 
 def tabular_reward_model(
