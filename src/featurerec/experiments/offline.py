@@ -239,21 +239,14 @@ def target_slate_dist(
     k: int,
     top_k: int,
     eps: float,
-    batch: int = 4096,
 ) -> np.ndarray:
     """(requests, n_items, k): probability that ``strategy`` of ``model`` (a serving
     :class:`~featurerec.serving.loader.BundleModel`) under the exploring slate policy shows
-    item i at slot p, for each logged decision (user state and eligibility), from the
-    model's unexcluded ``full_results`` in batches."""
-    n_items = len(model.features)
-    out = np.zeros((len(users), n_items, k))
-    for s0 in range(0, len(users), batch):
-        part = users[s0 : s0 + batch]
-        upstream, rank, _ = model.full_results(strategy, part)
-        out[s0 : s0 + len(part)] = slate_distribution(
-            upstream, rank, exclude[s0 : s0 + len(part)], k, top_k, eps
-        )
-    return out
+    item i at slot p, for these logged decisions (user states and eligibility), from the
+    model's unexcluded ``full_results``. Callers pass one chunk at a time
+    (:func:`evaluate` sizes them with :func:`chunk_size`)."""
+    upstream, rank, _ = model.full_results(strategy, users)
+    return slate_distribution(upstream, rank, exclude, k, top_k, eps)
 
 
 @dataclass(frozen=True)

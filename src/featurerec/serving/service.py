@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import numpy as np
+import orjson
 
 from featurerec.catalog import Catalog
 from featurerec.config import Settings
@@ -550,8 +551,6 @@ def decision_context(
     shorter one; the other is None) and the slate policy's settings, so off-policy
     evaluation can replay any candidate model on the same decision
     (:mod:`featurerec.experiments.offline`). JSON-encoded fields are VARCHARs."""
-    import orjson
-
     idx = np.flatnonzero(exclude)
     listed_excluded = 2 * idx.size < len(features)
     names = (
