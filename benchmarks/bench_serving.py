@@ -366,6 +366,24 @@ class Server:
         self.log.close()
 
 
+def reclog_line_sizes(log_dir: Path) -> dict[str, float]:
+    """Lines and mean bytes per line in the first pass's recommendation log, by kind: a
+    served item, or a request's decision context (``[serving] log_decision_context``)."""
+    counts = {"recommendation": 0, "context": 0}
+    sizes = {"recommendation": 0, "context": 0}
+    for path in sorted(log_dir.glob("reclog-*.jsonl")):
+        with path.open("rb") as fh:
+            for line in fh:
+                kind = "context" if b'"record":"context"' in line else "recommendation"
+                counts[kind] += 1
+                sizes[kind] += len(line)
+    out: dict[str, float] = {}
+    for kind, n in counts.items():
+        out[f"{kind}_lines"] = n
+        out[f"{kind}_bytes_per_line"] = round(sizes[kind] / n, 1) if n else 0.0
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", type=Path, help="serve an existing data dir (demo world)")
@@ -416,6 +434,7 @@ def main() -> None:
     # disk's fsync (the log still survives a process kill, not a power loss). The first
     # pass's log is moved aside, so this server starts with nobody's weekly caps used up.
     log_dir = data / "serving" / "log"
+    log_size = reclog_line_sizes(log_dir)
     if log_dir.exists():
         log_dir.rename(log_dir.with_name("log.fsync-pass"))
     cfg = tmp / "nofsync.toml"
@@ -450,6 +469,7 @@ def main() -> None:
         if best_r and best_n
         else None,
         "rss_mib": round(rss_end / 2**20, 1),
+        "reclog_line_bytes": log_size,
         "users": readyz["users"],
         "targets": {"200qps_p50_ms": 3, "200qps_p99_ms": 10, "1000qps_p99_ms": 20},
     }

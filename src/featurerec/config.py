@@ -141,8 +141,8 @@ class ServingConfig(_Section):
     #: fsync the recommendation log before acknowledging (turn off only in tests).
     durable_log: bool = True
     #: Log each served request's decision context (the user state scored and the eligible
-    #: features) for off-policy evaluation (``featurerec experiment ope``); about 400 bytes
-    #: of JSON per request on CloudFlow, before the warehouse compresses it.
+    #: features) for off-policy evaluation (``featurerec experiment ope``): one reclog line
+    #: of about 760 bytes per served request (``benchmarks/bench_serving.py``).
     log_decision_context: bool = True
     #: Seconds between checks of the landing folder for events other workers accepted.
     sync_interval_seconds: float = Field(default=0.5, gt=0)
