@@ -494,3 +494,37 @@ def test_decision_context_logging_follows_the_setting(world: Settings) -> None:
             assert res.log_lines() == [*res.log_records, res.context_record]
         else:
             assert res.context_record is None and res.log_lines() == res.log_records
+
+
+def test_a_warehouse_from_before_exposure_excluded_gets_the_column(tmp_path: Path) -> None:
+    """ml.recommendation_context gained ``exposure_excluded`` after its first release: opening
+    a warehouse created before adds it, and context lines with it load there."""
+    import duckdb
+
+    from featurerec.serving.reclog import insert_logs
+
+    path = tmp_path / "old.duckdb"
+    with duckdb.connect(str(path)) as conn:
+        conn.execute("CREATE SCHEMA ml")
+        conn.execute(
+            "CREATE TABLE ml.recommendation_context (request_id VARCHAR PRIMARY KEY, "
+            "user_id VARCHAR NOT NULL, generated_at TIMESTAMP NOT NULL, placement VARCHAR, "
+            "slate_size INTEGER, candidate_top_k INTEGER, exploration_rate DOUBLE, "
+            "user_context VARCHAR, interactions VARCHAR, recent_features VARCHAR, "
+            "event_count INTEGER, eligible VARCHAR, excluded VARCHAR)"
+        )
+        conn.execute(
+            "INSERT INTO ml.recommendation_context (request_id, user_id, generated_at) "
+            "VALUES ('old', 'u1', TIMESTAMP '2026-03-01 09:00:00')"
+        )
+    with DuckDBEngine(path) as db:
+        row = {"request_id": "new", "user_id": "u1", "generated_at": "2026-03-02T09:00:00",
+               "exposure_excluded": '["a"]'}  # fmt: skip
+        insert_logs(db, [], [], [row])
+        got = db.query_rows(
+            "SELECT request_id, exposure_excluded FROM ml.recommendation_context ORDER BY 1"
+        )
+    assert got == [
+        {"request_id": "new", "exposure_excluded": '["a"]'},
+        {"request_id": "old", "exposure_excluded": None},
+    ]

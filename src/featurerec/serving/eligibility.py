@@ -19,7 +19,9 @@ A feature is eligible for a user when all of these hold:
    ratio). See :func:`max_repeats`.
 
 :meth:`EligibilityPolicy.exclude_mask` returns the boolean mask handed to a strategy's
-``candidates`` (True = never recommend) and how many items may be served.
+``candidates`` (True = never recommend) and how many items may be served: rules 1-3
+(:meth:`~EligibilityPolicy.base_exclude`) then the exposure rules 4-6
+(:meth:`~EligibilityPolicy.apply_exposure`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +47,15 @@ class EligibilityRules:
     dismissal_cooldown_days: int = 14
     weekly_frequency_cap: int = 3
     min_weekly_diversity: float = 0.60
+
+    @classmethod
+    def from_settings(cls, serving: Any) -> EligibilityRules:
+        """The rules of a ``[serving]`` section (:class:`featurerec.config.ServingSettings`)."""
+        return cls(
+            dismissal_cooldown_days=serving.dismissal_cooldown_days,
+            weekly_frequency_cap=serving.weekly_frequency_cap,
+            min_weekly_diversity=serving.min_weekly_diversity,
+        )
 
 
 @dataclass(frozen=True)
@@ -184,19 +196,41 @@ class EligibilityPolicy:
     ) -> tuple[np.ndarray, int]:
         """``(exclude, n_servable)``: the mask (True = ineligible) and how many items may be
         served (``min(k, eligible)``). ``now`` is epoch seconds."""
-        r = self.rules
+        return self.apply_exposure(self.base_exclude(user, adopted), exposure, now, k)
+
+    def base_exclude(self, user: UserAttributes, adopted: np.ndarray) -> np.ndarray:
+        """Rules 1-3, which do not depend on what the user was shown: adopted, flags, plan."""
         mask = self.static_exclude(user)
         mask |= np.asarray(adopted, dtype=bool)
-        if r.dismissal_cooldown_days > 0:
-            mask |= exposure.last_dismissed > now - r.dismissal_cooldown_days * 86_400.0
-        mask |= exposure.shown_7d >= r.weekly_frequency_cap
-        n = min(k, int(np.count_nonzero(~mask)))
-        shown = exposure.shown_7d > 0
-        if n > 0 and shown.any():
-            allowed = max_repeats(
-                exposure.unique_shown, exposure.total_shown, n, r.min_weekly_diversity
-            )
-            if int(np.count_nonzero(shown & ~mask)) > allowed:
-                mask |= shown
-                n = min(k, int(np.count_nonzero(~mask)))
-        return mask, n
+        return mask
+
+    def apply_exposure(
+        self, base: np.ndarray, exposure: Exposure, now: float, k: int
+    ) -> tuple[np.ndarray, int]:
+        """Rules 4-6 on top of ``base`` (:meth:`base_exclude`): :func:`exposure_exclude`
+        with this policy's rules."""
+        return exposure_exclude(self.rules, base, exposure, now, k)
+
+
+def exposure_exclude(
+    rules: EligibilityRules, base: np.ndarray, exposure: Exposure, now: float, k: int
+) -> tuple[np.ndarray, int]:
+    """Rules 4-6 (dismissal cooldown, weekly cap, weekly diversity) on top of ``base``, the
+    mask of rules 1-3: ``(exclude, n_servable)``. ``now`` is epoch seconds. Off-policy
+    evaluation applies them to a candidate's own counterfactual exposure
+    (:mod:`featurerec.experiments.offline`), so they live in one place."""
+    r = rules
+    mask = np.array(base, dtype=bool)
+    if r.dismissal_cooldown_days > 0:
+        mask |= exposure.last_dismissed > now - r.dismissal_cooldown_days * 86_400.0
+    mask |= exposure.shown_7d >= r.weekly_frequency_cap
+    n = min(k, int(np.count_nonzero(~mask)))
+    shown = exposure.shown_7d > 0
+    if n > 0 and shown.any():
+        allowed = max_repeats(
+            exposure.unique_shown, exposure.total_shown, n, r.min_weekly_diversity
+        )
+        if int(np.count_nonzero(shown & ~mask)) > allowed:
+            mask |= shown
+            n = min(k, int(np.count_nonzero(~mask)))
+    return mask, n

@@ -68,6 +68,7 @@ CONTEXT_COLUMNS: dict[str, pa.DataType] = {
     "event_count": pa.int32(),
     "eligible": pa.string(),
     "excluded": pa.string(),
+    "exposure_excluded": pa.string(),
 }
 #: The marker of a context line in a reclog segment.
 CONTEXT_RECORD = "context"

@@ -268,11 +268,7 @@ class RecommendationService:
         self.catalog = Catalog(settings.catalog)
         self.clock = clock
         self.experiment = experiment
-        self.rules = EligibilityRules(
-            dismissal_cooldown_days=settings.serving.dismissal_cooldown_days,
-            weekly_frequency_cap=settings.serving.weekly_frequency_cap,
-            min_weekly_diversity=settings.serving.min_weekly_diversity,
-        )
+        self.rules = EligibilityRules.from_settings(settings.serving)
         self._rng = np.random.default_rng(settings.serving.seed)
         self._rng_lock = threading.Lock()
         self._ctx = self._derive(state)
@@ -391,9 +387,10 @@ class RecommendationService:
 
         items: list[ServedItem] = []
         fallback = model.is_fallback
-        exclude = None
+        exclude = base = None
         if placement_override is None or placement_override == placement:
-            exclude, n = policy.exclude_mask(attrs, adopted, state.exposure(row, now), now, k)
+            base = policy.base_exclude(attrs, adopted)
+            exclude, n = policy.apply_exposure(base, state.exposure(row, now), now, k)
             if n > 0:
                 ranked, model = self._rank(model, ctx.fallback, strategy, user, exclude, state, n)
                 fallback = model.is_fallback
@@ -448,10 +445,15 @@ class RecommendationService:
             }
             for it in items
         ]
-        if items and exclude is not None and self.settings.serving.log_decision_context:
+        if (
+            items
+            and exclude is not None
+            and base is not None
+            and self.settings.serving.log_decision_context
+        ):
             result.context_record = decision_context(
                 request_id, req.user_id, now_dt, placement, len(items), user, exclude,
-                state.features, dep.candidate_generator.top_k, dep.ranker.exploration_rate,
+                exclude & ~base, state.features, dep.candidate_generator.top_k, dep.ranker.exploration_rate,
             )  # fmt: skip
         result.latency_ms = round((time.perf_counter() - t0) * 1000.0, 3)
         return result
@@ -542,14 +544,17 @@ def decision_context(
     slate_size: int,
     user: UserState,
     exclude: np.ndarray,
+    exposure_excluded: np.ndarray,
     features: list[str],
     top_k: int,
     exploration_rate: float,
 ) -> dict[str, Any]:
     """One request's ml.recommendation_context row: the user state the model scored, the
     features the eligibility rules left (``eligible``, or ``excluded`` when that list is the
-    shorter one; the other is None) and the slate policy's settings, so off-policy
-    evaluation can replay any candidate model on the same decision
+    shorter one; the other is None), the features only the exposure rules (dismissal
+    cooldown, weekly cap, weekly diversity) excluded (``exposure_excluded``: a candidate
+    replayed with its own exposure history gets them back) and the slate policy's settings,
+    so off-policy evaluation can replay any candidate model on the same decision
     (:mod:`featurerec.experiments.offline`). JSON-encoded fields are VARCHARs."""
     idx = np.flatnonzero(exclude)
     listed_excluded = 2 * idx.size < len(features)
@@ -573,6 +578,9 @@ def decision_context(
         "event_count": int(user.event_count),
         "eligible": None if listed_excluded else orjson.dumps(names).decode(),
         "excluded": orjson.dumps(names).decode() if listed_excluded else None,
+        "exposure_excluded": orjson.dumps(
+            [features[j] for j in np.flatnonzero(exposure_excluded).tolist()]
+        ).decode(),
     }
 
 

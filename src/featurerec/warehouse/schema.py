@@ -134,7 +134,8 @@ ML_TABLES: dict[str, str] = {
             recent_features VARCHAR,
             event_count INTEGER,
             eligible VARCHAR,
-            excluded VARCHAR
+            excluded VARCHAR,
+            exposure_excluded VARCHAR
         )""",
     # impression / click / dismiss, idempotent by feedback_id.
     "recommendation_events": """
@@ -178,10 +179,18 @@ VIEWS: dict[str, str] = {
 }
 
 
+#: Columns added to a table after its first release: a warehouse created before gets them
+#: (the CREATE TABLE above has them already, so on a new warehouse these do nothing).
+ADDED_COLUMNS: list[str] = [
+    "ALTER TABLE ml.recommendation_context ADD COLUMN IF NOT EXISTS exposure_excluded VARCHAR",
+]
+
+
 def all_ddl() -> list[str]:
     return [
         "CREATE SCHEMA IF NOT EXISTS ml",
         *RAW_TABLES.values(),
         *ML_TABLES.values(),
+        *ADDED_COLUMNS,
         *VIEWS.values(),
     ]
