@@ -86,6 +86,7 @@ def synthetic_log(model: BundleModel, states: list, n_requests: int, seed: int) 
         adopted_7d=(rng.random(n) < click_p[a] / 2).astype(np.int64),
         as_of=t0 + timedelta(days=8),
         showing=np.ones(n, dtype=np.int64),
+        dismissed=np.zeros(n, dtype=np.int64),
     )
     return LoggedDecisions(
         rounds,
@@ -124,8 +125,7 @@ def main() -> int:
     log_s = time.perf_counter() - t
     print(f"logged {log.n} rounds in {args.requests} requests in {log_s:.1f}s", flush=True)
 
-    def dist_fn(req: np.ndarray) -> np.ndarray:
-        exclude = log.exclude_rows(req)
+    def dist_fn(req: np.ndarray, exclude: np.ndarray) -> np.ndarray:
         users = [log.users[q] for q in req.tolist()]
         return target_slate_dist(model, args.candidate, users, exclude, K, TOP_K, EPS)
 

@@ -17,6 +17,7 @@ from featurerec.cli import app
 from featurerec.config import Settings
 from featurerec.experiments.offline import (
     evaluate,
+    load_exposure_history,
     load_logged_decisions,
     target_slate_dist,
 )
@@ -24,6 +25,7 @@ from featurerec.feedback.attribution import attribute
 from featurerec.registry import registry_for
 from featurerec.serving.app import ServingRuntime
 from featurerec.serving.deployment import deployment_for
+from featurerec.serving.eligibility import EligibilityRules, Exposure, exposure_exclude
 from featurerec.serving.loader import load_model
 from featurerec.serving.reclog import load_reclog, reclog_dir
 from featurerec.serving.service import RecommendationRequest
@@ -112,8 +114,10 @@ def test_logging_policy_replayed_on_its_own_log_gives_the_logged_rate(logged_wor
     out = json.loads(_cli(config, "reclog", "load", "--json"))
     assert out["recommendations_read"] > 1500 and out["contexts_read"] == served > 600
     _cli(config, "feedback", "attribute", "--as-of", f"{as_of:%Y-%m-%dT%H:%M:%S}")
-    ope = ["experiment", "ope", "--as-of", f"{as_of:%Y-%m-%dT%H:%M:%S}", "--since", "2026-01-01"]
+    ope = ["experiment", "ope", "--as-of", f"{as_of:%Y-%m-%dT%H:%M:%S}", "--since", "2026-01-01",
+           "--exposure", "logged"]  # fmt: skip
     got = json.loads(_cli(config, *ope, "--json"))
+    assert got["exposure"] == "logged"
     assert got["requests"] == served and got["missing_context"] == 0
     ctr = got["results"]["click_through_rate"]
     logged = ctr["logged"]["value"]
@@ -128,6 +132,17 @@ def test_logging_policy_replayed_on_its_own_log_gives_the_logged_rate(logged_wor
     text = _cli(config, *ope)
     for column in ("logged policy", "snips", "ESS", "max weight", "showing"):
         assert column in text
+    assert "one-step" in text
+    # the default replays the candidate with its own exposure: its slates are drawn, not the
+    # logged ones, so the weights are no longer all 1, but for the logging policy itself the
+    # draws follow the log's own distribution and the estimate still covers the logged rate
+    own = json.loads(_cli(config, *ope[:-2], "--json"))
+    assert own["exposure"] == "own" and own["no_exposure_log"] == 0
+    est = own["results"]["click_through_rate"]["estimates"]
+    assert est["ips"]["max_weight"] > 1
+    for name in ("snips", "dr"):
+        assert est[name]["ci_low"] <= logged <= est[name]["ci_high"], name
+    assert "replayed with its own exposure" in _cli(config, *ope[:-2])
 
 
 def test_another_strategy_is_estimated_near_its_true_ctr(logged_world) -> None:
@@ -145,7 +160,7 @@ def test_another_strategy_is_estimated_near_its_true_ctr(logged_world) -> None:
     p = np.array([CLICK_P[f] for f in model.features])
     # the random strategy's expected CTR at each logged slot, averaged over the rounds
     truth = float((dist[d.request, :, d.position] @ p).mean())
-    res = evaluate(d, lambda req: dist[req])["click_through_rate"]
+    res = evaluate(d, lambda req, _exclude: dist[req])["click_through_rate"]
     assert not isinstance(res, str)
     snips = res.estimates["snips"]
     assert snips.ci_low <= truth <= snips.ci_high
@@ -171,7 +186,7 @@ def test_items_the_candidate_does_not_know_count_with_weight_zero(logged_world) 
     requests = np.arange(len(full.users))
     dist = target_slate_dist(model, "sequence_aware", full.users, full.exclude_rows(requests),
                              3, 20, EXPLORATION)[:, 1:, :]  # fmt: skip
-    res = evaluate(less, lambda req: dist[req])["click_through_rate"]
+    res = evaluate(less, lambda req, _exclude: dist[req])["click_through_rate"]
     assert not isinstance(res, str)
     clicked = full.rounds.clicked.astype(float)
     want = float(clicked[full.action != 0].sum() / full.n)
@@ -243,7 +258,7 @@ def test_evaluation_does_not_depend_on_the_chunking(logged_world, monkeypatch) -
                              3, 20, EXPLORATION)  # fmt: skip
     calls: list[int] = []
 
-    def dist_fn(req: np.ndarray) -> np.ndarray:
+    def dist_fn(req: np.ndarray, _exclude: np.ndarray) -> np.ndarray:
         calls.append(len(req))
         return dist[req]
 
@@ -286,9 +301,43 @@ def test_rounds_served_inside_experiments_are_used_unless_excluded(logged_world,
     config.write_text(
         f'data_dir = "{data}"\n\n[serving]\ndeployment = "{copy.serving.deployment}"\n'
     )
-    ope = ["experiment", "ope", "--as-of", f"{as_of:%Y-%m-%dT%H:%M:%S}", "--since", "2026-01-01"]
+    ope = ["experiment", "ope", "--as-of", f"{as_of:%Y-%m-%dT%H:%M:%S}", "--since", "2026-01-01",
+           "--exposure", "logged"]  # fmt: skip
     every = json.loads(_cli(config, *ope, "--json"))
     outside = json.loads(_cli(config, *ope, "--no-experiments", "--json"))
     assert n_exp > 0 and every["rounds"] == outside["rounds"] + n_exp
     # the same logging policy served both halves: every weight is still 1
     assert every["results"]["click_through_rate"]["estimates"]["ips"]["max_weight"] == 1.0
+
+
+def test_logged_exposure_exclusions_and_the_log_reproduce_the_logged_eligibility(
+    logged_world,
+) -> None:
+    """What a self-exposure replay relies on: at every logged request, the logged eligibility
+    without its logged ``exposure_excluded`` items, plus serving's exposure rules applied to
+    what the log had shown that user before, is exactly the logged eligibility."""
+    settings, _config, as_of, _ = logged_world
+    model = load_model(registry_for(settings), deployment_for(settings))
+    with open_warehouse(settings) as engine:
+        load_reclog(engine, reclog_dir(settings))
+        attribute(engine, as_of=as_of)
+        d = load_logged_decisions(engine, model.features, as_of=as_of)
+        history = load_exposure_history(engine, model.features, before=as_of, days=30)
+    rules = EligibilityRules.from_settings(settings.serving)
+    given_back = 0
+    for q, user in enumerate(d.users):
+        listed = d.exposure_listed[q]
+        assert listed is not None
+        logged = d.exclude_rows(np.array([q]))[0]
+        assert logged[listed].all()  # only excluded items are listed
+        base = logged.copy()
+        base[listed] = False
+        now = float(d.times[q])
+        exposure = Exposure.empty(len(model.features))
+        for ts, j in history.shows.get(user.user_id, []):
+            if now - 7 * 86_400 < ts < now:
+                exposure.shown_7d[j] += 1
+        got, _ = exposure_exclude(rules, base, exposure, now, 3)
+        assert (got == logged).all(), q
+        given_back += listed.size
+    assert given_back > 100  # the exposure rules did exclude items in this log

@@ -181,12 +181,22 @@ def ope_cmd(
             "variant's propensities).",
         ),
     ] = True,
+    exposure: Annotated[
+        str,
+        typer.Option(
+            help="own: replay the candidate with its own exposure (serving's caps, "
+            "cooldowns and diversity rule on what it would have shown: what it gets once it "
+            "serves for weeks); logged: on the log's eligibility (one-step).",
+        ),
+    ] = "own",
+    seed: Annotated[int, typer.Option(help="Seed of the own-exposure replay's draws.")] = 0,
     json_out: Json = False,
 ) -> None:
     """Off-policy evaluation: estimate a candidate model's CTR and 7-day adoption per
     recommendation from the logged recommendations (their propensities and decision
     contexts) before any user sees it. IPS, SNIPS and doubly robust, with user-clustered 95%
-    intervals, next to the logged policy's own rate. Load the serving log and run
+    intervals, next to the logged policy's own rate. By default the candidate is replayed
+    with its own exposure history (--exposure own). Load the serving log and run
     attribution first (`featurerec reclog load`, `featurerec feedback attribute`)."""
     from datetime import timedelta
 
@@ -194,8 +204,11 @@ def ope_cmd(
     from featurerec.feedback.common import resolve_as_of
     from featurerec.registry import registry_for
     from featurerec.serving.deployment import deployment_for
+    from featurerec.serving.eligibility import EligibilityRules
     from featurerec.warehouse.engine import open_warehouse
 
+    if exposure not in ("own", "logged"):
+        raise typer.BadParameter(f"{exposure!r}: expected own or logged", param_hint="--exposure")
     settings = settings_from(ctx)
     with open_warehouse(settings, read_only=True) as engine:
         when = resolve_as_of(engine, _when(as_of, "--as-of"))
@@ -213,6 +226,8 @@ def ope_cmd(
             candidate_generator_uri=candidate_generator,
             index_uri=index,
             experiments=experiments,
+            rules=EligibilityRules.from_settings(settings.serving) if exposure == "own" else None,
+            seed=seed,
         )
     if json_out:
         print_json(report)
@@ -222,10 +237,14 @@ def ope_cmd(
 
 def print_ope_report(report: Any) -> None:
     """Render a :class:`~featurerec.experiments.offline.CandidateReport`."""
+    exposure = {
+        "own": "replayed with its own exposure",
+        "logged": "on the log's eligibility (one-step)",
+    }[report.exposure]
     console.print(
         f"[bold]{report.candidate}[/bold]  strategy: {report.strategy}  log: "
         f"{fmt(report.since)} .. {fmt(report.until)}  ({report.rounds:,} rounds in "
-        f"{report.requests:,} requests)"
+        f"{report.requests:,} requests)  {exposure}"
     )
     rows = []
     for metric, res in report.results.items():
@@ -269,12 +288,26 @@ def print_ope_report(report: Any) -> None:
     for metric, res in report.results.items():
         if isinstance(res, str):
             continue
+        if res.unsupported_mass > 0.01:
+            console.print(
+                f"[yellow]{metric}: replayed with its own exposure, the candidate puts "
+                f"{res.unsupported_mass:.1%} of each slot on items the logging policy had "
+                "excluded at that request (its own caps and cooldowns); IPS counts those as "
+                "0 and SNIPS renormalises, DR fills them in with its reward model: prefer "
+                "DR[/yellow]"
+            )
         if res.unlogged_mass > 0.01 or res.empty_mass > 0.01:
             console.print(
                 f"[yellow]{metric}: the candidate puts {res.unlogged_mass:.1%} of each slot "
                 f"on items this log never showed and leaves {res.empty_mass:.1%} empty; the "
                 "estimate cannot see those rewards (a log with more exploration helps)[/yellow]"
             )
+    if report.exposure == "own" and report.no_exposure_log:
+        console.print(
+            f"[yellow]{report.no_exposure_log:,} requests were logged without their exposure "
+            "exclusions (before serving wrote them): there the replay keeps the logging "
+            "policy's caps and cooldowns on top of the candidate's own[/yellow]"
+        )
     if report.missing_context:
         console.print(
             f"[dim]left out: {report.missing_context:,} rounds without a decision context "

@@ -9,26 +9,29 @@ candidate model on each logged decision, and estimates the candidate's CTR and 7
 adoption per recommendation with :mod:`featurerec.experiments.ope`'s estimators::
 
     decisions = load_logged_decisions(engine, model.features, as_of=..., start=..., end=...)
-    dist_fn = lambda req: target_slate_dist(model, "hybrid", [decisions.users[i] for i in req],
-                                            decisions.exclude_rows(req), k, top_k, eps)
+    dist_fn = lambda req, exclude: target_slate_dist(
+        model, "hybrid", [decisions.users[i] for i in req], exclude, k, top_k, eps)
     results = evaluate(decisions, dist_fn, k=k)   # one CandidateEstimate per metric
+    own = evaluate(decisions, dist_fn, k=k, self_exposure=SelfExposure(rules, eps, history))
 
 The candidate is replayed with the serving path's own candidate and slate logic
 (:func:`featurerec.models.ranking.slate_distribution`), so when the candidate *is* the
 logging policy every importance weight is 1 and the estimate equals the logged rate
 (``tests/test_experiment_ope_cli.py`` checks this end to end).
 
-What a one-step estimate means: the candidate's value on the logged users *as they were*
-when the log was written. A policy that runs for weeks changes its own users' histories (it
-repeats what it showed, users adopt and move on), which this cannot see; the simulated
-online experiment (``featurerec simulate experiment``) measures how far that carries.
+On the log's eligibility (the default of :func:`evaluate`), the estimate is one-step: the
+candidate's value on the logged users *as they were*, with the caps and cooldowns the
+*logging* policy's showings put on them. A policy that runs for weeks meets its own caps and
+cooldowns instead; :class:`SelfExposure` replays the candidate with its own exposure
+(``featurerec experiment ope``'s default), and the simulated online experiment
+(``featurerec simulate experiment``) measures both against the online result.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, replace
-from datetime import datetime
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -51,7 +54,9 @@ from featurerec.experiments.rounds import (
     showing_stratum,
 )
 from featurerec.models.base import UserContext, UserState
-from featurerec.models.ranking import slate_distribution
+from featurerec.models.ranking import sample_slates, slate_distribution
+from featurerec.serving.eligibility import EligibilityRules, Exposure, exposure_exclude
+from featurerec.serving.state import epoch_seconds
 
 #: Reward-model (DR) context: the user's event count in buckets of 5, capped at 60.
 EVENT_BUCKET, EVENT_CAP = 5, 60
@@ -88,6 +93,11 @@ class LoggedDecisions:
     features: list[str]
     missing_context: int = 0
     unknown_action: int = 0
+    #: Per request: when it was served (epoch seconds) and the items only the exposure
+    #: rules (dismissal cooldown, weekly cap, weekly diversity) excluded then, None for a
+    #: decision logged before serving wrote them (:class:`SelfExposure` needs them)
+    times: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    exposure_listed: list[np.ndarray | None] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -109,6 +119,11 @@ class LoggedDecisions:
 
 def _names(value: str | None) -> list[str]:
     return [] if value is None else list(orjson.loads(value))
+
+
+def _indices(value: str, findex: dict[str, int]) -> np.ndarray:
+    """A JSON list of feature names as item indices (names the item space lacks dropped)."""
+    return np.array([findex[f] for f in _names(value) if f in findex], dtype=np.int64)
 
 
 def _user(row: dict[str, Any]) -> UserState:
@@ -205,6 +220,11 @@ def load_logged_decisions(
         pscore.append(float(p))
     if not keep:
         return replace(empty, missing_context=missing, unknown_action=unknown)
+    exposure_listed = [
+        None if c.get("exposure_excluded") is None else _indices(c["exposure_excluded"], findex)
+        for c in contexts
+    ]
+    times = np.array([epoch_seconds(c["generated_at"]) for c in contexts], dtype=np.float64)
     # per request, in the candidate's item order: the logged eligible (or excluded) items
     listed_eligible = np.array([c["eligible"] is not None for c in contexts], dtype=bool)
     listed = [
@@ -228,7 +248,194 @@ def load_logged_decisions(
         list(features),
         missing,
         unknown,
+        times,
+        exposure_listed,
     )
+
+
+@dataclass(frozen=True)
+class ExposureHistory:
+    """What each user was shown (epoch seconds, item index) and when they last dismissed
+    each item, before a log's window: where a replayed candidate's own exposure starts."""
+
+    shows: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
+    dismissed: dict[str, dict[int, float]] = field(default_factory=dict)
+
+
+def load_exposure_history(
+    engine: Any, features: list[str], *, before: datetime, days: float
+) -> ExposureHistory:
+    """The recommendations served in the ``days`` before ``before`` (and whether each was
+    dismissed: its dismissal is dated at the showing, seconds early) from
+    ``ml.recommendation_feedback``, in ``features``' item order. Run attribution first."""
+    rows = engine.query_rows(
+        "SELECT user_id, recommended_feature, generated_at, dismissed "
+        "FROM ml.recommendation_feedback WHERE generated_at >= $start AND generated_at < $end "
+        "ORDER BY generated_at, recommendation_id",
+        {"start": before - timedelta(days=days), "end": before},
+    )
+    findex = {f: j for j, f in enumerate(features)}
+    out = ExposureHistory()
+    for r in rows:
+        j = findex.get(r["recommended_feature"])
+        if j is None:
+            continue
+        t = epoch_seconds(r["generated_at"])
+        out.shows.setdefault(r["user_id"], []).append((t, j))
+        if r["dismissed"]:
+            out.dismissed.setdefault(r["user_id"], {})[j] = t
+    return out
+
+
+@dataclass(frozen=True)
+class SelfExposure:
+    """Replay a candidate with its *own* exposure history instead of the logging policy's.
+
+    Serving's exposure rules (dismissal cooldown, weekly cap, weekly diversity) exclude
+    what a policy itself showed, so a policy that keeps its favourite items in front of a
+    user soon runs into its own caps and cooldowns and serves further down its ranking; the
+    logged eligibility instead reflects what the *logging* policy showed. With this
+    setting, :func:`evaluate` walks each user's logged requests in time order, starting from
+    the exposure in ``history`` (what was served before the window), and at each request:
+
+    1. the eligibility is the logged one without the logged exposure exclusions
+       (``exposure_excluded`` in the decision context), plus the exposure rules (``rules``:
+       :func:`featurerec.serving.eligibility.exposure_exclude`, serving's own code) applied
+       to the candidate's replayed exposure, plus what the candidate's replay adopted;
+    2. the candidate's slate distribution on that eligibility gives the importance weights;
+    3. one slate is drawn from it (the epsilon-greedy policy, ``eps``) and becomes the
+       candidate's exposure; each drawn item's dismissal and adoption is the logged outcome
+       when the logging policy showed that item in that request, otherwise a draw from the
+       logged rate per (event-count bucket, item) (:func:`~featurerec.experiments.ope.tabular_reward_model`).
+       An adoption excludes the item from the user's later requests.
+
+    What it does not model: the user's later requests, interests and organic adoption are the
+    logged ones (a candidate that caused an adoption the logging policy did not changes them
+    only through the eligibility); adoptions the logging policy caused stay in the logged
+    eligibility. The candidate's mass on items the logging policy could not show at a request
+    (it had excluded them) has no logged reward there: IPS counts it as 0, DR fills it with
+    the reward model (:attr:`CandidateEstimate.unsupported_mass` says how much). ``seed``
+    fixes the draws."""
+
+    rules: EligibilityRules
+    eps: float
+    history: ExposureHistory = field(default_factory=ExposureHistory)
+    seed: int = 0
+
+
+class _Replay:
+    """The per-user exposure state of a :class:`SelfExposure` replay (see there)."""
+
+    def __init__(
+        self,
+        d: LoggedDecisions,
+        cfg: SelfExposure,
+        k: int,
+        ctx_of_request: np.ndarray,
+        n_contexts: int,
+    ) -> None:
+        self.d, self.cfg, self.k = d, cfg, k
+        self.ctx = ctx_of_request
+        self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([cfg.seed, 7])))
+        self.n_items = len(d.features)
+        n_actions = self.n_items + 1
+        self.shows = {u: list(v) for u, v in cfg.history.shows.items()}
+        self.dismissed = {u: dict(v) for u, v in cfg.history.dismissed.items()}
+        self.adopted: dict[str, set[int]] = {}
+        ctx_r = self.ctx[d.request] if d.n else np.zeros(0, dtype=np.int64)
+        dis = d.rounds.dismissed.astype(np.float64)
+        self.p_dismiss = tabular_reward_model(
+            ctx_r, d.action, dis, n_contexts=n_contexts, n_actions=n_actions
+        )
+        adopt, closed = d.rounds.reward("rec_adoption_7d")
+        self.p_adopt = tabular_reward_model(
+            ctx_r[closed], d.action[closed], adopt[closed], n_contexts=n_contexts,
+            n_actions=n_actions,
+        )  # fmt: skip
+        # the logged outcome of each item the logging policy showed, per request
+        self.logged: dict[int, dict[int, tuple[bool, bool | None]]] = {}
+        adopted_known = np.where(closed, adopt > 0, False)
+        for i in range(d.n):
+            a = int(d.action[i])
+            if a < self.n_items:
+                self.logged.setdefault(int(d.request[i]), {})[a] = (
+                    bool(dis[i]),
+                    bool(adopted_known[i]) if closed[i] else None,
+                )
+
+    def exclude(self, batch: np.ndarray, logged: np.ndarray) -> np.ndarray:
+        """The candidate's eligibility at these requests (True = excluded), from the logged
+        mask ``logged`` (len(batch), n_items)."""
+        d, rules = self.d, self.cfg.rules
+        out = np.empty_like(logged)
+        for row, q in enumerate(batch.tolist()):
+            base = logged[row].copy()
+            listed = d.exposure_listed[q] if q < len(d.exposure_listed) else None
+            if listed is not None:
+                base[listed] = False
+            user = d.users[q].user_id
+            adopted = self.adopted.get(user)
+            if adopted:
+                base[list(adopted)] = True
+            now = float(d.times[q])
+            out[row] = exposure_exclude(rules, base, self._exposure(user, now), now, self.k)[0]
+        return out
+
+    def _exposure(self, user: str, now: float) -> Exposure:
+        exp = Exposure.empty(self.n_items)
+        shows = self.shows.get(user)
+        if shows:
+            cutoff = now - 7 * 86_400.0
+            if shows[0][0] <= cutoff:
+                shows[:] = [s for s in shows if s[0] > cutoff]
+            for ts, j in shows:
+                if ts <= now:
+                    exp.shown_7d[j] += 1
+        for j, ts in self.dismissed.get(user, {}).items():
+            exp.last_dismissed[j] = ts
+        return exp
+
+    def advance(self, batch: np.ndarray, dist: np.ndarray) -> None:
+        """Draw the candidate's slate at each request of ``batch`` and record it."""
+        d = self.d
+        slates = sample_slates(dist, self.cfg.eps, self.rng)
+        draws = self.rng.random((len(batch), slates.shape[1], 2))
+        for row, q in enumerate(batch.tolist()):
+            user = d.users[q].user_id
+            now = float(d.times[q])
+            logged = self.logged.get(q, {})
+            c = int(self.ctx[q])
+            for slot, j in enumerate(slates[row].tolist()):
+                if j < 0:
+                    continue
+                self.shows.setdefault(user, []).append((now, j))
+                dismissed, adopted = logged.get(j, (None, None))
+                if dismissed is None:
+                    dismissed = bool(draws[row, slot, 0] < self.p_dismiss[c, j])
+                if adopted is None:
+                    adopted = bool(draws[row, slot, 1] < self.p_adopt[c, j])
+                if dismissed:
+                    self.dismissed.setdefault(user, {})[j] = now
+                if adopted:
+                    self.adopted.setdefault(user, set()).add(j)
+
+
+def _waves(d: LoggedDecisions, step: int) -> Iterator[np.ndarray]:
+    """Request batches for a replay: every user's first request, then every user's second,
+    ... (each in time order), so a user's requests are replayed in order and at most once
+    per batch; batches hold at most ``step`` requests."""
+    n = len(d.users)
+    _, code = np.unique(np.array([u.user_id for u in d.users], dtype=object), return_inverse=True)
+    order = np.lexsort((d.times[:n], code))  # by user, then time
+    sc = code[order]
+    first = np.r_[0, np.flatnonzero(np.diff(sc)) + 1]  # where each user's run starts
+    ordinal = np.arange(n) - first[sc]
+    by_wave = order[np.argsort(ordinal, kind="stable")]
+    bounds = np.searchsorted(np.sort(ordinal), np.arange(int(ordinal.max(initial=-1)) + 2))
+    for w in range(len(bounds) - 1):
+        wave = by_wave[bounds[w] : bounds[w + 1]]
+        for i in range(0, wave.size, step):
+            yield wave[i : i + step]
 
 
 def target_slate_dist(
@@ -259,7 +466,10 @@ class CandidateEstimate:
     estimate down; nonzero when the candidate serves fewer items than the log did);
     ``unlogged_mass``: its mean probability, per logged slot, of an item the logging policy
     never showed in this log (no support: the estimate cannot see that item's reward);
-    ``strata``: SNIPS by first / second / later showing of the logged item."""
+    ``unsupported_mass``: its mean probability, per logged slot, of an item the logging
+    policy could not show at that request (excluded then; only nonzero with
+    :class:`SelfExposure`); ``strata``: SNIPS by first / second / later showing of the
+    logged item."""
 
     metric: str
     n: int
@@ -268,6 +478,7 @@ class CandidateEstimate:
     empty_mass: float
     unlogged_mass: float
     strata: dict[str, StratumEstimate]
+    unsupported_mass: float = 0.0
 
 
 #: A request chunk's slate distribution is (chunk, n_items, k) float64; chunks are sized
@@ -282,19 +493,22 @@ def chunk_size(n_items: int, k: int) -> int:
 
 def evaluate(
     decisions: LoggedDecisions,
-    dist_fn: Callable[[np.ndarray], np.ndarray],
+    dist_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
     metrics: tuple[str, ...] = tuple(METRICS),
     min_rounds: int = 50,
     k: int | None = None,
+    self_exposure: SelfExposure | None = None,
 ) -> dict[str, CandidateEstimate | str]:
     """Per metric: the candidate's :class:`CandidateEstimate`, or a sentence saying why not
-    (fewer than ``min_rounds`` rounds whose window has closed). ``dist_fn(requests)`` gives
-    the candidate's slate distribution for those request indices, (len, n_items, >= k) as
+    (fewer than ``min_rounds`` rounds whose window has closed). ``dist_fn(requests,
+    exclude)`` gives the candidate's slate distribution for those request indices under the
+    eligibility ``exclude`` ((len, n_items), True = excluded), (len, n_items, >= k) as
     :func:`target_slate_dist`; it is called chunk by chunk, and only each round's per-slot
     terms are kept (the candidate's probability of the logged item, its expected reward-model
-    value, its empty and unlogged mass), so memory does not grow with items x requests.
-    Intervals are user-clustered; DR's reward model is the mean reward per (event-count
-    bucket, item)."""
+    value, its empty, unlogged and unsupported mass), so memory does not grow with items x
+    requests. The eligibility is the logged one, or with ``self_exposure`` the candidate's
+    own (:class:`SelfExposure`). Intervals are user-clustered; DR's reward model is the mean
+    reward per (event-count bucket, item)."""
     d = decisions
     n_items = len(d.features)
     n_actions = n_items + 1  # the items, then "an item the candidate does not know"
@@ -315,27 +529,45 @@ def evaluate(
     target = np.zeros(d.n)  # the candidate's probability of the logged item at its slot
     slot_mass = np.zeros(d.n)
     unlogged = np.zeros(d.n)
+    unsupported = np.zeros(d.n)
     q_expected = {m: np.zeros(d.n) for m in q}
     by_request = np.argsort(d.request, kind="stable")
     bounds = np.searchsorted(d.request[by_request], np.arange(len(d.users) + 1))
     step = chunk_size(n_items, k)
-    for r0 in range(0, len(d.users), step):
-        r1 = min(r0 + step, len(d.users))
-        sel = by_request[bounds[r0] : bounds[r1]]
+    replay = None if self_exposure is None else _Replay(d, self_exposure, k, bucket, n_ctx)
+    batches = (
+        _waves(d, step)
+        if replay is not None
+        else (np.arange(r0, min(r0 + step, len(d.users))) for r0 in range(0, len(d.users), step))
+    )
+    local = np.zeros(len(d.users), dtype=np.int64)  # request -> row in its batch
+    for batch in batches:
+        lens = bounds[batch + 1] - bounds[batch]  # the batch's rounds, request by request
+        sel = by_request[np.repeat(bounds[batch] - np.cumsum(lens) + lens, lens)
+                         + np.arange(int(lens.sum()))]  # fmt: skip
+        if not sel.size and replay is None:
+            continue
+        logged = d.exclude_rows(batch)
+        exclude = logged if replay is None else replay.exclude(batch, logged)
+        dist = dist_fn(batch, exclude)
+        if dist.shape[:2] != (batch.size, n_items) or dist.shape[2] < k:
+            raise DataError(
+                f"dist_fn must give (requests, items, >= {k}) = ({batch.size}, {n_items}, "
+                f"{k}), got {dist.shape}"
+            )
+        if replay is not None:
+            replay.advance(batch, dist)
         if not sel.size:
             continue
-        dist = dist_fn(np.arange(r0, r1))
-        if dist.shape[:2] != (r1 - r0, n_items) or dist.shape[2] < k:
-            raise DataError(
-                f"dist_fn must give (requests, items, >= {k}) = ({r1 - r0}, {n_items}, {k}), "
-                f"got {dist.shape}"
-            )
-        at = dist[d.request[sel] - r0, :, d.position[sel]]  # (rounds, items)
+        local[batch] = np.arange(batch.size)
+        row = local[d.request[sel]]
+        at = dist[row, :, d.position[sel]]  # (rounds, items)
         a = d.action[sel]
         known = a < n_items
         target[sel] = np.where(known, at[np.arange(sel.size), np.minimum(a, n_items - 1)], 0.0)
         slot_mass[sel] = at.sum(axis=1)
         unlogged[sel] = at[:, unlogged_items].sum(axis=1)
+        unsupported[sel] = np.einsum("ri,ri->r", at, logged[row])
         for m, table in q.items():
             q_expected[m][sel] = np.einsum("ri,ri->r", at, table[ctx[sel], :n_items])
     if np.any(slot_mass > 1 + 1e-6):
@@ -365,6 +597,7 @@ def evaluate(
             logged=online_rate(d.rounds.subset(closed), metric),
             empty_mass=float(np.clip(1.0 - slot_mass[closed], 0.0, 1.0).mean()),
             unlogged_mass=float(unlogged[closed].mean()),
+            unsupported_mass=float(unsupported[closed].mean()),
             strata=stratified_snips(r, w, showing[closed], groups=g),
         )
     return out
@@ -391,6 +624,12 @@ class CandidateReport:
     trained_as_of: datetime | None
     overlaps_log: bool
     results: dict[str, CandidateEstimate | str]
+    #: "own": replayed with the candidate's own exposure (:class:`SelfExposure`);
+    #: "logged": on the log's eligibility (one-step)
+    exposure: str = "own"
+    #: requests logged without their exposure exclusions (before serving wrote them): an
+    #: own-exposure replay keeps the logging policy's exclusions there
+    no_exposure_log: int = 0
 
 
 def evaluate_candidate(
@@ -406,11 +645,16 @@ def evaluate_candidate(
     candidate_generator_uri: str | None = None,
     index_uri: str | None = None,
     experiments: bool = True,
+    rules: EligibilityRules | None = None,
+    seed: int = 0,
 ) -> CandidateReport:
     """Replay a registered model (the deployment's, with any URI overridden) with
     ``strategy`` on the logged decisions in [``since``, ``until``] and estimate its CTR and
     7-day adoption per recommendation. Serving's slate settings (``output_k``,
-    ``candidate_generator.top_k``, ``exploration_rate``) are the deployment's."""
+    ``candidate_generator.top_k``, ``exploration_rate``) are the deployment's. With
+    ``rules`` (serving's exposure rules) the candidate is replayed with its own exposure
+    (:class:`SelfExposure`, starting from what the log served in the cooldown before
+    ``since``; ``seed`` fixes its draws), without them on the log's eligibility."""
     from featurerec.serving.loader import load_model
 
     models = deployment.models
@@ -444,11 +688,17 @@ def evaluate_candidate(
     eps = 1.0 if name == "random" else dep.ranker.exploration_rate
     k = max(dep.ranker.output_k, decisions.slate_size)
 
-    def dist_fn(requests: np.ndarray) -> np.ndarray:
+    def dist_fn(requests: np.ndarray, exclude: np.ndarray) -> np.ndarray:
         users = [decisions.users[i] for i in requests.tolist()]
-        exclude = decisions.exclude_rows(requests)
         return target_slate_dist(model, name, users, exclude, k, dep.candidate_generator.top_k, eps)
 
+    replay = None
+    if rules is not None:
+        start = since or decisions.rounds.generated_at.min().astype(datetime)
+        history = load_exposure_history(
+            engine, model.features, before=start, days=max(7, rules.dismissal_cooldown_days)
+        )
+        replay = SelfExposure(rules, eps, history, seed=seed)
     trained = _trained_as_of(registry, deployment.models.ranker.model_uri)
     return CandidateReport(
         candidate=model.version,
@@ -463,7 +713,9 @@ def evaluate_candidate(
         trained_as_of=trained,
         overlaps_log=trained is not None
         and trained > (since or decisions.rounds.generated_at.min().astype(datetime)),
-        results=evaluate(decisions, dist_fn, k=k),
+        results=evaluate(decisions, dist_fn, k=k, self_exposure=replay),
+        exposure="logged" if replay is None else "own",
+        no_exposure_log=sum(x is None for x in decisions.exposure_listed),
     )
 
 

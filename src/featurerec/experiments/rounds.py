@@ -56,6 +56,8 @@ class Rounds:
     #: How many times the user had been recommended this feature up to and including this
     #: round (by anyone, at any time in the recommendation log): 1 = a first showing
     showing: np.ndarray
+    #: 1 when the user dismissed the recommendation
+    dismissed: np.ndarray
 
     @property
     def n(self) -> int:
@@ -82,6 +84,7 @@ class Rounds:
             self.adopted_7d[mask],
             self.as_of,
             self.showing[mask],
+            self.dismissed[mask],
         )
 
 
@@ -123,7 +126,7 @@ def load_rounds(
         "ORDER BY generated_at, recommendation_id) AS showing "
         "FROM ml.recommendation_feedback) "
         "SELECT recommendation_id, user_id, COALESCE(variant, '') AS variant, generated_at, "
-        "clicked, adopted_7d, showing FROM f WHERE "
+        "clicked, adopted_7d, showing, dismissed FROM f WHERE "
         + " AND ".join(where)
         + " ORDER BY generated_at, recommendation_id",
         params,
@@ -137,6 +140,7 @@ def load_rounds(
         np.array([int(r["adopted_7d"] or 0) for r in rows], dtype=np.int64),
         as_of,
         np.array([int(r["showing"]) for r in rows], dtype=np.int64),
+        np.array([int(r["dismissed"] or 0) for r in rows], dtype=np.int64),
     )
 
 

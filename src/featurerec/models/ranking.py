@@ -141,3 +141,23 @@ def slate_distribution(
         r = np.flatnonzero(active)
         out[r, cand[r, p], p] += 1 - eps
     return out
+
+
+def sample_slates(dist: np.ndarray, eps: float, rng: np.random.Generator) -> np.ndarray:
+    """(n, k) item ids (-1 where a slot stays empty) drawn from the epsilon-greedy slate
+    policy whose marginals are ``dist`` (:func:`slate_distribution`'s (n, n_items, k)):
+    with probability ``eps`` the first slots of a uniformly random order of the candidates
+    (the items with mass at slot 0), otherwise the greedy slate (each slot's item with the
+    most mass, which is the greedy one whenever ``eps < 1``)."""
+    n, m, k = dist.shape
+    active = dist.sum(axis=1) > 0  # (n, k): slots the policy fills
+    out = dist.argmax(axis=1)
+    if eps > 0 and n:
+        member = dist[:, :, 0] > 0
+        explored: np.ndarray = np.asarray(rng.random(n) < eps)
+        keys = np.where(member, rng.random((n, m)), np.inf)
+        order = np.argsort(keys, axis=1, kind="stable")[:, :k]
+        if order.shape[1] < k:  # fewer items than slots (those slots are never active)
+            order = np.hstack([order, np.zeros((n, k - order.shape[1]), dtype=order.dtype)])
+        out = np.where(explored[:, None], order, out)
+    return np.where(active, out, -1).astype(np.int64)

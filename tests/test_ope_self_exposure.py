@@ -1,0 +1,172 @@
+"""Off-policy replay with the candidate's own exposure (``experiments.offline.SelfExposure``):
+serving's exposure rules applied to what the *candidate* showed, not what the log showed."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import numpy as np
+import pytest
+
+from featurerec.experiments.offline import (
+    ExposureHistory,
+    LoggedDecisions,
+    SelfExposure,
+    evaluate,
+)
+from featurerec.experiments.rounds import Rounds
+from featurerec.models.base import UserContext, UserState
+from featurerec.models.ranking import sample_slates, slate_distribution
+from featurerec.serving.eligibility import EligibilityRules
+from featurerec.serving.state import epoch_seconds
+
+T0 = datetime(2026, 3, 2, 9)
+ITEMS = ["a", "b", "c", "d", "e"]
+#: the candidate's fixed preference: a > b > c > d > e
+UPSTREAM = np.array([5.0, 4.0, 3.0, 2.0, 1.0])
+RULES = EligibilityRules(dismissal_cooldown_days=14, weekly_frequency_cap=3, min_weekly_diversity=0)
+
+
+def _log(
+    shown: list[int],
+    *,
+    dismissed: list[int] | None = None,
+    adopted: list[int] | None = None,
+    logged_excluded: list[list[int]] | None = None,
+    exposure_excluded: list[list[int]] | None = None,
+    hours: float = 1.0,
+) -> LoggedDecisions:
+    """User u1: one request every ``hours``, each showing one item (slot 0); then user u2's
+    one request, showing "a" (the candidate's choice there, so the weights are not all 0)."""
+    shown = [*shown, 0]
+    n = len(shown)
+    times = [T0 + timedelta(hours=hours * i) for i in range(n - 1)] + [T0]
+    users = ["u1"] * (n - 1) + ["u2"]
+    dismissed = [*(dismissed or [0] * (n - 1)), 0]
+    adopted = [*(adopted or [0] * (n - 1)), 0]
+    logged_excluded = [*(logged_excluded or [[] for _ in range(n - 1)]), []]
+    exposure_excluded = [*(exposure_excluded or [[] for _ in range(n - 1)]), []]
+    rounds = Rounds(
+        recommendation_id=np.array([f"r{i}" for i in range(n)], dtype=object),
+        user_id=np.array(users, dtype=object),
+        variant=np.array([""] * n, dtype=object),
+        generated_at=np.array(times, dtype="datetime64[us]"),
+        clicked=np.zeros(n, dtype=np.int64),
+        adopted_7d=np.array(adopted, dtype=np.int64),
+        as_of=T0 + timedelta(days=30),
+        showing=np.ones(n, dtype=np.int64),
+        dismissed=np.array(dismissed, dtype=np.int64),
+    )
+    return LoggedDecisions(
+        rounds,
+        np.arange(n),
+        np.array(shown, dtype=np.int64),
+        np.zeros(n, dtype=np.int64),
+        np.full(n, 0.2),
+        [UserState(u, UserContext(), {}, (), 10) for u in users],
+        [np.array(x, dtype=np.int64) for x in logged_excluded],
+        np.zeros(n, dtype=bool),  # the lists are the excluded items
+        list(ITEMS),
+        times=np.array([epoch_seconds(t) for t in times]),
+        exposure_listed=[np.array(x, dtype=np.int64) for x in exposure_excluded],
+    )
+
+
+def _replay(d: LoggedDecisions, history: ExposureHistory | None = None) -> list[np.ndarray]:
+    """The eligibility the deterministic candidate (eps = 0, one slot) was replayed on at
+    each of u1's requests, in order."""
+    seen: dict[int, np.ndarray] = {}
+
+    def dist_fn(requests: np.ndarray, exclude: np.ndarray) -> np.ndarray:
+        for q, row in zip(requests.tolist(), exclude, strict=True):
+            seen[q] = row.copy()
+        up = np.tile(UPSTREAM, (len(requests), 1))
+        return slate_distribution(up, np.argsort(np.argsort(-up, axis=1), axis=1), exclude,
+                                  1, 20, 0.0)  # fmt: skip
+
+    cfg = SelfExposure(RULES, 0.0, history or ExposureHistory())
+    evaluate(d, dist_fn, k=1, min_rounds=1, self_exposure=cfg)
+    return [seen[q] for q in range(len(d.users) - 1)]
+
+
+def _excluded(mask: np.ndarray) -> list[str]:
+    return [ITEMS[j] for j in np.flatnonzero(mask)]
+
+
+def test_the_candidate_runs_into_its_own_weekly_cap() -> None:
+    """The log showed "d" four times, so the logged eligibility never capped "a"; the
+    candidate shows "a" three times and then its own cap moves it to "b"."""
+    seen = _replay(_log([3, 3, 3, 3]))
+    assert [_excluded(m) for m in seen] == [[], [], [], ["a"]]
+
+
+def test_the_cap_counts_only_the_last_seven_days() -> None:
+    seen = _replay(_log([3, 3, 3, 3], hours=24 * 3))  # requests 3 days apart
+    # by the 4th request (day 9) the 1st showing (day 0) is out of the window
+    assert [_excluded(m) for m in seen] == [[], [], [], []]
+
+
+def test_logged_dismissals_and_adoptions_of_the_candidates_items_carry_over() -> None:
+    """Where the log showed the candidate's item, its logged outcome is the candidate's."""
+    seen = _replay(_log([0, 1, 3], dismissed=[1, 0, 0], adopted=[0, 1, 0]))
+    # request 1: "a" shown and dismissed (cooldown); request 2: "b" shown and adopted
+    assert [_excluded(m) for m in seen] == [[], ["a"], ["a", "b"]]
+
+
+def test_the_logging_policys_exposure_exclusions_are_given_back() -> None:
+    """At request 2 the log had "a" excluded by its exposure rules (listed) and "e" by a
+    rule that does not depend on exposure (plan, flag, adoption): the candidate gets "a"
+    back and shows it; "e" stays out."""
+    d = _log([3, 3], logged_excluded=[[], [0, 4]], exposure_excluded=[[], [0]])
+    seen = _replay(d)
+    assert [_excluded(m) for m in seen] == [[], ["e"]]
+
+
+def test_history_before_the_window_starts_the_candidates_exposure() -> None:
+    before = epoch_seconds(T0 - timedelta(days=1))
+    history = ExposureHistory({"u1": [(before, 0)] * 2}, {"u1": {1: before}})
+    seen = _replay(_log([3, 3]), history)
+    # "a" shown twice yesterday: the first request shows it a third time, then it is capped;
+    # "b" was dismissed yesterday
+    assert [_excluded(m) for m in seen] == [["b"], ["a", "b"]]
+
+
+def test_unsupported_mass_is_what_the_candidate_shows_where_the_log_could_not() -> None:
+    """The log excluded "a" (by exposure, listed) at both requests and showed "d"; the
+    candidate shows "a" both times: all its mass there is unsupported (u2's request, where
+    the log showed "a", is the only supported one), so IPS sees reward 0 there."""
+    d = _log([3, 3], logged_excluded=[[0], [0]], exposure_excluded=[[0], [0]], hours=24)
+
+    def dist_fn(requests: np.ndarray, exclude: np.ndarray) -> np.ndarray:
+        up = np.tile(UPSTREAM, (len(requests), 1))
+        return slate_distribution(up, np.argsort(np.argsort(-up, axis=1), axis=1), exclude,
+                                  1, 20, 0.0)  # fmt: skip
+
+    cfg = SelfExposure(RULES, 0.0)
+    res = evaluate(d, dist_fn, k=1, min_rounds=1, self_exposure=cfg)["click_through_rate"]
+    assert not isinstance(res, str)
+    assert res.unsupported_mass == pytest.approx(2 / 3)
+    assert res.estimates["ips"].max_weight == pytest.approx(5.0)  # 1 / 0.2, u2's round
+    plain = evaluate(d, dist_fn, k=1, min_rounds=1)["click_through_rate"]
+    assert not isinstance(plain, str) and plain.unsupported_mass == 0
+
+
+def test_sample_slates_draws_the_epsilon_greedy_policy() -> None:
+    """Drawn slates match the marginals slate_distribution gives, greedy and exploring."""
+    rng = np.random.default_rng(3)
+    up = np.tile(UPSTREAM, (20_000, 1))
+    exclude = np.zeros_like(up, dtype=bool)
+    exclude[:, 2] = True
+    rank = np.argsort(np.argsort(-up, axis=1), axis=1)
+    dist = slate_distribution(up, rank, exclude, 2, 20, 0.3)
+    slates = sample_slates(dist, 0.3, rng)
+    for p in range(2):
+        freq = np.bincount(slates[:, p], minlength=len(ITEMS)) / len(slates)
+        np.testing.assert_allclose(freq, dist[0, :, p], atol=0.01)
+    assert not (slates == 2).any() and (slates[:, 0] != slates[:, 1]).all()
+    # fewer candidates than slots: the empty slot stays -1
+    one = np.ones_like(exclude)
+    one[:, 0] = False
+    assert (
+        sample_slates(slate_distribution(up, rank, one, 2, 20, 0.3), 0.3, rng)[:, 1] == -1
+    ).all()
