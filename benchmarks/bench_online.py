@@ -80,14 +80,19 @@ def main() -> int:
     estimators = sorted({o.estimator for o in result.ope if o.estimate is not None})
     metrics = sorted({o.metric for o in result.ope if o.estimate is not None})
 
-    def shares(attr: str) -> dict[str, object]:
+    def shares(attr: str, exposure: str = "own") -> dict[str, object]:
         """Share of (variant, metric) pairs meeting ``attr``: all, per estimator, and per
-        estimator and metric."""
+        estimator and metric; of the OPE replayed with each variant's own exposure (the
+        headline) or, with ``exposure="logged"``, on the log's eligibility (one-step)."""
         return {
-            "all": result.share(attr),
-            "by_estimator": {e: result.share(attr, estimator=e) for e in estimators},
+            "all": result.share(attr, exposure=exposure),
+            "by_estimator": {
+                e: result.share(attr, estimator=e, exposure=exposure) for e in estimators
+            },
             "by_estimator_metric": {
-                e: {m: result.share(attr, estimator=e, metric=m) for m in metrics}
+                e: {
+                    m: result.share(attr, estimator=e, metric=m, exposure=exposure) for m in metrics
+                }
                 for e in estimators
             },
         }
@@ -105,7 +110,7 @@ def main() -> int:
             for o in result.ope:
                 lo, hi = (o.frozen_ci_low, o.frozen_ci_high) if frozen else (
                     o.online_ci_low, o.online_ci_high)  # fmt: skip
-                if o.estimator != e or None in (o.ci_low, o.ci_high, lo, hi):
+                if o.estimator != e or o.exposure != "own" or None in (o.ci_low, o.ci_high, lo, hi):
                     continue
                 se_o = (o.ci_high - o.ci_low) / (2 * z)
                 se_n = (hi - lo) / (2 * z)
@@ -128,15 +133,20 @@ def main() -> int:
         # sides use experiments.rounds' per-recommendation rewards (7-day adoption only on
         # closed windows) and user-clustered intervals. "whole run": the variant over the
         # 4 weeks, retrained weekly; "frozen": the same policy the OPE evaluated (the
-        # experiment's days before the first retrain), the like-with-like comparison.
+        # experiment's days before the first retrain). The OPE replays each variant with
+        # its own exposure (experiments.offline.SelfExposure); the "logged_exposure" keys
+        # are the one-step OPE on the log's eligibility, for comparison.
         "ope_inside_online_ci_share": result.ope_inside_share,
         "ope_inside_frozen_online_ci_share": result.ope_inside_frozen_share,
         "ope_inside_online_ci": shares("inside_online_ci"),
         "ope_inside_frozen_online_ci": shares("inside_frozen_ci"),
+        "ope_logged_exposure_inside_online_ci": shares("inside_online_ci", "logged"),
+        "ope_logged_exposure_inside_frozen_online_ci": shares("inside_frozen_ci", "logged"),
         # The statistically sound check (both sides' standard errors): p >= 0.05 for
         # "OPE = online"
         "ope_consistent_with_online": shares("consistent_online"),
         "ope_consistent_with_frozen_online": shares("consistent_frozen"),
+        "ope_logged_exposure_consistent_with_online": shares("consistent_online", "logged"),
         "online_inside_ope_ci": shares("online_inside_ope_ci"),
         "expected_inside_share_if_unbiased": {
             "whole_run": if_unbiased(False),
@@ -167,6 +177,8 @@ def main() -> int:
                     "min_users_per_variant",
                     "ope_inside_online_ci_share",
                     "ope_inside_frozen_online_ci_share",
+                    "ope_inside_online_ci",
+                    "ope_logged_exposure_inside_online_ci",
                     "ope_by_exposure_inside_online_ci",
                     "timings",
                 )

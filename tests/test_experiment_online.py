@@ -108,6 +108,11 @@ def test_online_experiment_runs_through_the_real_stack(tmp_path) -> None:
     # (380 logged rounds here), so only finiteness is asserted for DR
     assert est and all(0 <= o.estimate <= 1 for o in est if o.estimator != "dr")
     assert all(math.isfinite(o.estimate) for o in est if o.estimator == "dr")
+    # each estimate twice: replayed with the variant's own exposure (the headline) and
+    # one-step on the log's eligibility; on the same rounds
+    assert {o.exposure for o in est} == {"own", "logged"}
+    assert len({(o.exposure, o.variant, o.estimator) for o in est}) == len(est)
+    assert all(o.unsupported_mass == 0 for o in est if o.exposure == "logged")
     # strategies with a bandit (relearned from the warm-up's clicks) are cross-fitted
     by_variant = {o.variant: o.cross_fitted for o in est}
     assert by_variant["hybrid"] and by_variant["sequence_aware"]
@@ -181,6 +186,7 @@ def test_simulate_experiment_cli_prints_the_tables_and_shares(tmp_path) -> None:
     for title in ("strategy", "placement", "ope vs online", "ope by exposure"):
         assert title in res.output
     assert "OPE estimates inside the online 95% interval (whole run):" in res.output
+    assert "one-step OPE on the log's exposure" in res.output
     assert "OPE estimates inside the online 95% interval, first showings:" in res.output
     res = CliRunner().invoke(app, [*args, "--json"])
     assert res.exit_code == 0, res.output

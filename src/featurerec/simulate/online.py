@@ -22,7 +22,10 @@
    alone, as production would. At the warm-up's end, the OPE estimate of each variant's CTR
    and 7-day adoption per recommendation is made from that log after its first
    ``ope_burn_in_days`` (:mod:`featurerec.experiments.ope`, rewards from
-   :mod:`featurerec.experiments.rounds`), before any user sees the variants. The targets
+   :mod:`featurerec.experiments.rounds`), before any user sees the variants: each variant
+   replayed with its own exposure (its own caps, cooldowns and adoptions,
+   :class:`featurerec.experiments.offline.SelfExposure`; the headline) and, for comparison,
+   one-step on the log's eligibility. The targets
    whose bandit learned from that log's clicks (hybrid, sequence_aware) are cross-fitted:
    each logged round is evaluated by a copy whose bandit learned from the other half of the
    users only, since a policy evaluated on the log it learned from looks better than it is.
@@ -198,6 +201,13 @@ class OPEResult:
     #: the target's bandit was relearned per half of the users and each round evaluated
     #: by the half that did not learn from it (see ``OnlineExperiment._cross_fitted``)
     cross_fitted: bool = False
+    #: "own": the target replayed with its own exposure (its own caps, cooldowns and
+    #: adoptions; :class:`featurerec.experiments.offline.SelfExposure`), the headline;
+    #: "logged": on the log's eligibility (one-step)
+    exposure: str = "own"
+    #: the target's mean probability per logged slot of an item the log could not show
+    #: at that request (IPS counts it as reward 0, DR as the reward model's value)
+    unsupported_mass: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -257,14 +267,21 @@ class OnlineResult:
         return sum(checked) / len(checked) if checked else None
 
     def share(
-        self, attr: str, *, estimator: str | None = None, metric: str | None = None
+        self,
+        attr: str,
+        *,
+        estimator: str | None = None,
+        metric: str | None = None,
+        exposure: str = "own",
     ) -> float | None:
-        """Share of OPE rows (optionally one estimator / metric) whose boolean ``attr``
-        (``inside_online_ci``, ``inside_frozen_ci``, ``consistent_online``, ...) is true."""
+        """Share of OPE rows of ``exposure`` ("own" or "logged"; optionally one estimator /
+        metric) whose boolean ``attr`` (``inside_online_ci``, ``inside_frozen_ci``,
+        ``consistent_online``, ...) is true."""
         checked = [
             o
             for o in self.ope
             if getattr(o, attr) is not None
+            and o.exposure == exposure
             and (estimator is None or o.estimator == estimator)
             and (metric is None or o.metric == metric)
         ]
@@ -272,13 +289,14 @@ class OnlineResult:
 
     @property
     def ope_inside_share(self) -> float | None:
-        """Share of OPE estimates inside the online 95% interval of the whole run."""
+        """Share of OPE estimates (own exposure, every estimator) inside the online 95%
+        interval of the whole run."""
         return self.share("inside_online_ci")
 
     @property
     def ope_inside_frozen_share(self) -> float | None:
-        """Share of OPE estimates inside the 95% interval of the online result of the same
-        frozen policy (the experiment's days before the first retrain)."""
+        """Share of OPE estimates (own exposure) inside the 95% interval of the online
+        result of the same frozen policy (the experiment's days before the first retrain)."""
         return self.share("inside_frozen_ci")
 
 
@@ -925,8 +943,14 @@ class OnlineExperiment:
         decisions read back from the warehouse, each variant's strategy replayed on them).
         Rewards, denominators and censoring are :mod:`featurerec.experiments.rounds`' (the
         online side of the comparison uses the same definitions)."""
-        from featurerec.experiments.offline import evaluate, load_logged_decisions
+        from featurerec.experiments.offline import (
+            SelfExposure,
+            evaluate,
+            load_exposure_history,
+            load_logged_decisions,
+        )
         from featurerec.feedback.attribution import attribute
+        from featurerec.serving.eligibility import EligibilityRules
 
         self.flush()
         t0 = time.perf_counter()
@@ -954,6 +978,11 @@ class OnlineExperiment:
         top_k = self.deployment.models.candidate_generator.top_k
         cross = self._cross_fitted(as_of)
         fold = np.array([user_fold(u.user_id) for u in decisions.users], dtype=np.int64)
+        rules = EligibilityRules.from_settings(self.settings.serving)
+        history = load_exposure_history(
+            self.engine, self.model.features, before=self.ope_log_start,
+            days=max(7, rules.dismissal_cooldown_days),
+        )  # fmt: skip
         for v in self.spec.variants:
             strategy = v.resolved_strategy
             if v.resolved_placement not in (None, self.cfg.default_placement):
@@ -966,19 +995,32 @@ class OnlineExperiment:
             # not learn from it (cross-fitting)
             copies = cross.get(name, {0: self.model, 1: self.model})
             dist_fn = functools.partial(_fold_dist, copies, fold, name, decisions, k, top_k, e)
-            for metric, res in evaluate(decisions, dist_fn, k=k).items():
-                if isinstance(res, str):
+            # the headline: the variant replayed with its own exposure (its own caps,
+            # cooldowns and adoptions, as it will run); next to it the one-step estimate on
+            # the log's eligibility
+            modes = {
+                "own": SelfExposure(rules, e, history, seed=self.cfg.seed),
+                "logged": None,
+            }
+            for exposure, replay in modes.items():
+                results = evaluate(decisions, dist_fn, k=k, self_exposure=replay)
+                for metric, res in results.items():
+                    if isinstance(res, str):
+                        out.append({"variant": v.name, "strategy": strategy, "metric": metric,
+                                    "exposure": exposure,
+                                    "skip": f"{res} after the burn-in, before the run "
+                                            "(increase --warmup-days)"})  # fmt: skip
+                        continue
+                    # "shows nothing" mass: rounds the target would leave empty count as
+                    # reward 0 here, while online they are not rounds at all (kept small by
+                    # the same eligibility and slate size on both sides; reported so it is
+                    # visible)
                     out.append({"variant": v.name, "strategy": strategy, "metric": metric,
-                                "skip": f"{res} after the burn-in, before the run "
-                                        "(increase --warmup-days)"})  # fmt: skip
-                    continue
-                # "shows nothing" mass: rounds the target would leave empty count as reward
-                # 0 here, while online they are not rounds at all (kept small by the same
-                # eligibility and slate size on both sides; reported so it is visible)
-                out.append({"variant": v.name, "strategy": strategy, "metric": metric,
-                            "estimates": res.estimates, "n": res.n,
-                            "empty_mass": res.empty_mass, "cross_fitted": name in cross,
-                            "strata": res.strata})  # fmt: skip
+                                "exposure": exposure, "estimates": res.estimates, "n": res.n,
+                                "empty_mass": res.empty_mass,
+                                "unsupported_mass": res.unsupported_mass,
+                                "cross_fitted": name in cross,
+                                "strata": res.strata if replay is None else None})  # fmt: skip
         self._time("ope", t0)
         return out
 
@@ -1020,7 +1062,8 @@ class OnlineExperiment:
             if "skip" in o:
                 ope.append(
                     OPEResult(o["variant"], o.get("strategy"), o.get("metric", "all"), "-",
-                              None, None, None, None, None, None, None, 0, o["skip"])
+                              None, None, None, None, None, None, None, 0, o["skip"],
+                              exposure=o.get("exposure", "own"))
                 )  # fmt: skip
                 continue
             online = whole[o["variant"]][o["metric"]]
@@ -1041,8 +1084,13 @@ class OnlineExperiment:
                 )
                 p_on, ok_on = consistent(e, online)
                 p_fr, ok_fr = consistent(e, fm)
-                note = f"target leaves {o['empty_mass']:.1%} of logged slots empty" if o.get(
-                    "empty_mass", 0) > 0.005 else ""  # fmt: skip
+                notes = []
+                if o.get("empty_mass", 0) > 0.005:
+                    notes.append(f"target leaves {o['empty_mass']:.1%} of logged slots empty")
+                if o.get("unsupported_mass", 0) > 0.005:
+                    notes.append(f"{o['unsupported_mass']:.1%} of the target's mass on items "
+                                 "the log could not show there")  # fmt: skip
+                note = "; ".join(notes)
                 ope.append(
                     OPEResult(o["variant"], o["strategy"], o["metric"], name, e.value, e.ci_low,
                               e.ci_high, online.value, online.ci_low, online.ci_high, inside,
@@ -1053,7 +1101,9 @@ class OnlineExperiment:
                               consistent_frozen=ok_fr,
                               effective_sample_size=e.effective_sample_size,
                               max_weight=e.max_weight,
-                              cross_fitted=bool(o.get("cross_fitted")))
+                              cross_fitted=bool(o.get("cross_fitted")),
+                              exposure=o["exposure"],
+                              unsupported_mass=o.get("unsupported_mass", 0.0))
                 )  # fmt: skip
         by_exposure = self._by_exposure(ope_before, rounds, names, whole)
         for v in report.variants:
@@ -1142,9 +1192,11 @@ def _fold_dist(
     top_k: int,
     eps: float,
     requests: np.ndarray,
+    exclude: np.ndarray,
 ) -> np.ndarray:
-    """The slate distribution of ``requests`` (:func:`~featurerec.experiments.offline.evaluate`'s
-    ``dist_fn``), each request's by the model copy of the other user fold."""
+    """The slate distribution of ``requests`` under ``exclude``
+    (:func:`~featurerec.experiments.offline.evaluate`'s ``dist_fn``), each request's by the
+    model copy of the other user fold."""
     from featurerec.experiments.offline import target_slate_dist
 
     out = np.zeros((len(requests), len(decisions.features), k))
@@ -1153,7 +1205,7 @@ def _fold_dist(
         if rows.size:
             req = requests[rows]
             out[rows] = target_slate_dist(model, name, [decisions.users[i] for i in req.tolist()],
-                                          decisions.exclude_rows(req), k, top_k, eps)  # fmt: skip
+                                          exclude[rows], k, top_k, eps)  # fmt: skip
     return out
 
 
@@ -1218,6 +1270,7 @@ def result_tables(result: OnlineResult) -> dict[str, list[dict[str, Any]]]:
         {
             "variant": o.variant,
             "metric": o.metric,
+            "exposure": o.exposure,
             "estimator": o.estimator,
             "OPE before": o.estimate,
             "OPE 95% CI": _interval(o.ci_low, o.ci_high),
@@ -1325,11 +1378,20 @@ def simulate_experiment_cmd(
     for name, rows in tables.items():
         print_table(rows, title=name.replace("_", " "))
     inside = "OPE estimates inside the online 95% interval"
+    logged = {"exposure": "logged"}
     for share, what in (
         (result.share("inside_online_ci"), f"{inside} (whole run)"),
         (result.share("inside_frozen_ci"), f"{inside} (frozen policy)"),
         (result.share("consistent_online"), "OPE consistent with online, p >= 0.05 (whole run)"),
         (result.share("consistent_frozen"), "OPE consistent with online, p >= 0.05 (frozen)"),
+        (
+            result.share("inside_online_ci", **logged),
+            f"{inside} (whole run), one-step OPE on the log's exposure",
+        ),
+        (
+            result.share("inside_frozen_ci", **logged),
+            f"{inside} (frozen policy), one-step OPE on the log's exposure",
+        ),
         (result.exposure_inside_share("first"), f"{inside}, first showings"),
         (result.exposure_inside_share("second"), f"{inside}, second showings"),
         (result.exposure_inside_share("third+"), f"{inside}, third and later showings"),
