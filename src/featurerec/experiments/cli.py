@@ -281,9 +281,10 @@ def print_ope_report(report: Any) -> None:
         if not isinstance(res, str)
         for name, x in res.strata.items()
     ]
-    if strata:
+    if strata and report.exposure == "logged":
         # a policy that runs for weeks repeats what it showed: this says how the value
-        # changes with repeats and how much of the log's support is on them
+        # changes with repeats and how much of the log's support is on them (by the log's
+        # showings, so only for the one-step estimate)
         print_table(strata, title="by the user's showing of the logged feature")
     for metric, res in report.results.items():
         if isinstance(res, str):

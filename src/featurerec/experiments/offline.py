@@ -534,6 +534,11 @@ def evaluate(
     by_request = np.argsort(d.request, kind="stable")
     bounds = np.searchsorted(d.request[by_request], np.arange(len(d.users) + 1))
     step = chunk_size(n_items, k)
+    if self_exposure is not None and len(d.times) != len(d.users):
+        raise DataError(
+            "replaying with the candidate's own exposure needs each logged request's time "
+            "(LoggedDecisions.times, as load_logged_decisions reads them)"
+        )
     replay = None if self_exposure is None else _Replay(d, self_exposure, k, bucket, n_ctx)
     batches = (
         _waves(d, step)

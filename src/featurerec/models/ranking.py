@@ -153,11 +153,12 @@ def sample_slates(dist: np.ndarray, eps: float, rng: np.random.Generator) -> np.
     active = dist.sum(axis=1) > 0  # (n, k): slots the policy fills
     out = dist.argmax(axis=1)
     if eps > 0 and n:
-        member = dist[:, :, 0] > 0
-        explored: np.ndarray = np.asarray(rng.random(n) < eps)
-        keys = np.where(member, rng.random((n, m)), np.inf)
+        rows = np.flatnonzero(rng.random(n) < eps)  # the exploring slates
+        member = dist[rows, :, 0] > 0
+        keys = np.where(member, rng.random((rows.size, m)), np.inf)
         order = np.argsort(keys, axis=1, kind="stable")[:, :k]
         if order.shape[1] < k:  # fewer items than slots (those slots are never active)
-            order = np.hstack([order, np.zeros((n, k - order.shape[1]), dtype=order.dtype)])
-        out = np.where(explored[:, None], order, out)
+            pad = np.zeros((rows.size, k - order.shape[1]), dtype=order.dtype)
+            order = np.hstack([order, pad])
+        out[rows] = order
     return np.where(active, out, -1).astype(np.int64)
