@@ -188,9 +188,15 @@ def test_items_the_candidate_does_not_know_count_with_weight_zero(logged_world) 
                              3, 20, EXPLORATION)[:, 1:, :]  # fmt: skip
     res = evaluate(less, lambda req, _exclude: dist[req])["click_through_rate"]
     assert not isinstance(res, str)
+    # every other round has weight 1; the candidate's rate is per recommendation it shows,
+    # and the slots where the log showed the removed item it would show it with its mass
     clicked = full.rounds.clicked.astype(float)
-    want = float(clicked[full.action != 0].sum() / full.n)
+    shown = dist[less.request, :, less.position].sum(axis=1)
+    want = float(clicked[full.action != 0].sum() / shown.sum())
     assert res.estimates["ips"].value == pytest.approx(want)
+    # dropping those rounds would have left their mass out of the denominator
+    kept_rounds = full.action != 0
+    assert want != pytest.approx(clicked[kept_rounds].sum() / shown[kept_rounds].sum())
 
 
 def test_contexts_record_the_eligibility_serving_applied(logged_world) -> None:

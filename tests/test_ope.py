@@ -235,3 +235,25 @@ def test_estimates_from_weights_equal_the_dense_estimators() -> None:
         assert by_w[s].target_share == pytest.approx(by_dense[s].target_share)
     with pytest.raises(DataError, match="weight must have shape"):
         estimate_from_weights(reward, np.ones(3))
+
+
+def test_estimates_per_shown_recommendation_when_the_target_leaves_slots_empty() -> None:
+    """Uniform logging over two items; the target shows item 1 (true rate 0.6) in half the
+    slots and nothing in the others. Online its rate is 0.6 per recommendation it shows; per
+    logged slot IPS would say 0.3. With ``shown`` IPS and DR are per shown recommendation."""
+    rng = np.random.default_rng(4)
+    n = 40_000
+    a = rng.integers(0, 2, n)
+    r = (rng.random(n) < np.where(a == 1, 0.6, 0.2)).astype(float)
+    w = np.where(a == 1, 0.5 / 0.5, 0.0)
+    q = np.array([0.2, 0.6])
+    args = {"q_logged": q[a], "q_expected": np.full(n, 0.5 * 0.6)}
+    per_slot = estimate_from_weights(r, w, **args)
+    per_shown = estimate_from_weights(r, w, **args, shown=np.full(n, 0.5))
+    assert per_slot["ips"].value == pytest.approx(0.3, abs=0.01)
+    for name in ("ips", "dr", "snips"):
+        e = per_shown[name]
+        assert e.ci_low <= 0.6 <= e.ci_high, name
+    assert per_shown["snips"].value == per_slot["snips"].value  # normalises either way
+    with pytest.raises(DataError, match="shown must have shape"):
+        estimate_from_weights(r, w, shown=np.ones(3))

@@ -297,11 +297,17 @@ def print_ope_report(report: Any) -> None:
                 "0 and SNIPS renormalises, DR fills them in with its reward model: prefer "
                 "DR[/yellow]"
             )
-        if res.unlogged_mass > 0.01 or res.empty_mass > 0.01:
+        if res.unlogged_mass > 0.01:
             console.print(
                 f"[yellow]{metric}: the candidate puts {res.unlogged_mass:.1%} of each slot "
-                f"on items this log never showed and leaves {res.empty_mass:.1%} empty; the "
-                "estimate cannot see those rewards (a log with more exploration helps)[/yellow]"
+                "on items this log never showed; the estimate cannot see those rewards (a log "
+                "with more exploration helps)[/yellow]"
+            )
+        if res.empty_mass > 0.01:
+            console.print(
+                f"[dim]{metric}: the candidate leaves {res.empty_mass:.1%} of the logged "
+                "slots empty (fewer eligible features); the estimates are per recommendation "
+                "it shows[/dim]"
             )
     if report.exposure == "own" and report.no_exposure_log:
         console.print(

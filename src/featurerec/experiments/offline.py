@@ -460,10 +460,11 @@ def target_slate_dist(
 class CandidateEstimate:
     """A candidate's value per recommendation for one metric, estimated from the log.
 
-    ``estimates``: IPS, SNIPS and DR; ``logged``: the logging policy's own rate on the same
-    rounds (what the log observed), for reference; ``empty_mass``: the candidate's mean
-    probability of showing nothing in a logged slot (counted as reward 0, so it pulls the
-    estimate down; nonzero when the candidate serves fewer items than the log did);
+    ``estimates``: IPS, SNIPS and DR, per recommendation the candidate shows; ``logged``:
+    the logging policy's own rate on the same rounds (what the log observed), for reference;
+    ``empty_mass``: the candidate's mean probability of showing nothing in a logged slot
+    (nonzero when it has fewer eligible items than the log did, e.g. under its own caps: those
+    slots are not recommendations, so IPS and DR divide by the slots it fills);
     ``unlogged_mass``: its mean probability, per logged slot, of an item the logging policy
     never showed in this log (no support: the estimate cannot see that item's reward);
     ``unsupported_mass``: its mean probability, per logged slot, of an item the logging
@@ -598,6 +599,7 @@ def evaluate(
                 q_logged=q[metric][ctx[closed], d.action[closed]],
                 q_expected=q_expected[metric][closed],
                 groups=g,
+                shown=np.clip(slot_mass[closed], 0.0, 1.0),
             ),
             logged=online_rate(d.rounds.subset(closed), metric),
             empty_mass=float(np.clip(1.0 - slot_mass[closed], 0.0, 1.0).mean()),

@@ -205,8 +205,27 @@ def _check_weights(reward: np.ndarray, weight: np.ndarray, groups: np.ndarray | 
         raise DataError("importance weights must be finite and >= 0")
 
 
-def _ips(r: np.ndarray, w: np.ndarray, groups: np.ndarray | None) -> OPEEstimate:
-    value, se = _mean_ci(w * r, groups)
+def _per_shown(
+    terms: np.ndarray, shown: np.ndarray | None, groups: np.ndarray | None
+) -> tuple[float, float]:
+    """mean(terms), or with ``shown`` sum(terms) / sum(shown): per recommendation the target
+    shows rather than per logged slot; user-clustered standard error."""
+    if shown is None:
+        return _mean_ci(terms, groups)
+    total = float(np.sum(shown))
+    if total <= 0:
+        raise DataError("the target policy shows nothing in any logged slot")
+    value = float(np.sum(terms) / total)
+    if groups is None:
+        return value, _ratio_se(terms, shown, value)
+    _, inv = np.unique(groups, return_inverse=True)
+    return value, _ratio_se(np.bincount(inv, weights=terms), np.bincount(inv, weights=shown), value)
+
+
+def _ips(
+    r: np.ndarray, w: np.ndarray, groups: np.ndarray | None, shown: np.ndarray | None = None
+) -> OPEEstimate:
+    value, se = _per_shown(w * r, shown, groups)
     return _estimate("ips", value, se, w)
 
 
@@ -231,8 +250,9 @@ def _dr(
     q_logged: np.ndarray,
     q_expected: np.ndarray,
     groups: np.ndarray | None,
+    shown: np.ndarray | None = None,
 ) -> OPEEstimate:
-    value, se = _mean_ci(q_expected + w * (r - q_logged), groups)
+    value, se = _per_shown(q_expected + w * (r - q_logged), shown, groups)
     return _estimate("dr", value, se, w)
 
 
@@ -243,22 +263,31 @@ def estimate_from_weights(
     q_logged: np.ndarray | None = None,
     q_expected: np.ndarray | None = None,
     groups: np.ndarray | None = None,
+    shown: np.ndarray | None = None,
 ) -> dict[str, OPEEstimate]:
     """IPS, SNIPS and (with both reward-model terms) DR from per-round terms only:
     ``weight`` w_i = pi(a_i | x_i) / pscore_i, ``q_logged`` q(x_i, a_i) and ``q_expected``
     sum_a pi(a | x_i) q(x_i, a). The same estimates as :func:`estimate_policy_value`,
     without an (n, n_actions) ``action_dist``: with 10,000 features a caller computes the
-    terms chunk by chunk (:func:`featurerec.experiments.offline.evaluate`)."""
+    terms chunk by chunk (:func:`featurerec.experiments.offline.evaluate`).
+
+    ``shown`` (optional): the target's probability of showing anything in each logged slot.
+    With it IPS and DR are per recommendation the target shows (sum of terms / sum of
+    ``shown``), as an online rate is per shown recommendation; without it a slot the target
+    leaves empty counts as reward 0. SNIPS normalises by the weights either way."""
     r = np.asarray(reward, dtype=np.float64)
     w = np.asarray(weight, dtype=np.float64)
     _check_weights(r, w, groups)
-    out = {"ips": _ips(r, w, groups), "snips": _snips(r, w, groups)}
+    sh = None if shown is None else np.asarray(shown, dtype=np.float64)
+    if sh is not None and sh.shape != r.shape:
+        raise DataError(f"shown must have shape {r.shape} (got {sh.shape})")
+    out = {"ips": _ips(r, w, groups, sh), "snips": _snips(r, w, groups)}
     if q_logged is not None and q_expected is not None:
         ql = np.asarray(q_logged, dtype=np.float64)
         qe = np.asarray(q_expected, dtype=np.float64)
         if ql.shape != r.shape or qe.shape != r.shape:
             raise DataError(f"q_logged and q_expected must have shape {r.shape}")
-        out["dr"] = _dr(r, w, ql, qe, groups)
+        out["dr"] = _dr(r, w, ql, qe, groups, sh)
     return out
 
 

@@ -1011,10 +1011,9 @@ class OnlineExperiment:
                                     "skip": f"{res} after the burn-in, before the run "
                                             "(increase --warmup-days)"})  # fmt: skip
                         continue
-                    # "shows nothing" mass: rounds the target would leave empty count as
-                    # reward 0 here, while online they are not rounds at all (kept small by
-                    # the same eligibility and slate size on both sides; reported so it is
-                    # visible)
+                    # "shows nothing" mass: slots the target would leave empty are not
+                    # recommendations (online they are not rounds), so IPS and DR are per
+                    # slot the target fills; reported so it is visible
                     out.append({"variant": v.name, "strategy": strategy, "metric": metric,
                                 "exposure": exposure, "estimates": res.estimates, "n": res.n,
                                 "empty_mass": res.empty_mass,
