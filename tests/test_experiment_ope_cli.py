@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -99,6 +100,21 @@ def logged_world(
     return settings, config, last.replace(tzinfo=None) + timedelta(days=8), served
 
 
+def _decisions(logged_world, *feature_lists: list[str]) -> tuple[Any, Any, list[Any]]:
+    """The settings, the logging model and the logged decisions (in the model's item order,
+    then in each of ``feature_lists``), after loading the log (idempotent: whichever test
+    runs first) and attribution."""
+    settings, _config, as_of, _ = logged_world
+    model = load_model(registry_for(settings), deployment_for(settings))
+    with open_warehouse(settings) as engine:
+        load_reclog(engine, reclog_dir(settings))
+        attribute(engine, as_of=as_of)
+        out = [
+            load_logged_decisions(engine, f, as_of=as_of) for f in (model.features, *feature_lists)
+        ]
+    return settings, model, out
+
+
 def _cli(config: Path, *args: str) -> str:
     res = CliRunner().invoke(app, ["--config", str(config), *args])
     assert res.exit_code == 0, res.output
@@ -148,12 +164,7 @@ def test_logging_policy_replayed_on_its_own_log_gives_the_logged_rate(logged_wor
 def test_another_strategy_is_estimated_near_its_true_ctr(logged_world) -> None:
     """Replay the random strategy on the log: its true CTR on these decisions is known
     (CLICK_P averaged over its slate distribution), and SNIPS must cover it."""
-    settings, _config, as_of, _ = logged_world
-    model = load_model(registry_for(settings), deployment_for(settings))
-    with open_warehouse(settings) as engine:
-        load_reclog(engine, reclog_dir(settings))  # idempotent: whichever test runs first
-        attribute(engine, as_of=as_of)
-        d = load_logged_decisions(engine, model.features, as_of=as_of)
+    _, model, (d,) = _decisions(logged_world)
     assert d.n > 1500 and d.missing_context == 0
     requests = np.arange(len(d.users))
     dist = target_slate_dist(model, "random", d.users, d.exclude_rows(requests), 3, 20, 1.0)
@@ -171,14 +182,9 @@ def test_another_strategy_is_estimated_near_its_true_ctr(logged_world) -> None:
 def test_items_the_candidate_does_not_know_count_with_weight_zero(logged_world) -> None:
     """A candidate without one of the logged items never shows it: those rounds stay in the
     log with importance weight 0 (dropping them would inflate IPS)."""
-    settings, _config, as_of, _ = logged_world
-    model = load_model(registry_for(settings), deployment_for(settings))
-    kept = model.features[1:]
-    with open_warehouse(settings) as engine:
-        load_reclog(engine, reclog_dir(settings))
-        attribute(engine, as_of=as_of)
-        full = load_logged_decisions(engine, model.features, as_of=as_of)
-        less = load_logged_decisions(engine, kept, as_of=as_of)
+    settings = logged_world[0]
+    kept = load_model(registry_for(settings), deployment_for(settings)).features[1:]
+    _, model, (full, less) = _decisions(logged_world, kept)
     shown_gone = int((full.action == 0).sum())
     assert shown_gone > 0 and less.unknown_action == shown_gone and less.n == full.n
     assert (less.action == len(kept)).sum() == shown_gone
@@ -253,12 +259,7 @@ def test_evaluation_does_not_depend_on_the_chunking(logged_world, monkeypatch) -
     kept between chunks."""
     from featurerec.experiments import offline
 
-    settings, _config, as_of, _ = logged_world
-    model = load_model(registry_for(settings), deployment_for(settings))
-    with open_warehouse(settings) as engine:
-        load_reclog(engine, reclog_dir(settings))
-        attribute(engine, as_of=as_of)
-        d = load_logged_decisions(engine, model.features, as_of=as_of)
+    _, model, (d,) = _decisions(logged_world)
     requests = np.arange(len(d.users))
     dist = target_slate_dist(model, "collaborative_only", d.users, d.exclude_rows(requests),
                              3, 20, EXPLORATION)  # fmt: skip
@@ -322,13 +323,9 @@ def test_logged_exposure_exclusions_and_the_log_reproduce_the_logged_eligibility
     """What a self-exposure replay relies on: at every logged request, the logged eligibility
     without its logged ``exposure_excluded`` items, plus serving's exposure rules applied to
     what the log had shown that user before, is exactly the logged eligibility."""
-    settings, _config, as_of, _ = logged_world
-    model = load_model(registry_for(settings), deployment_for(settings))
+    settings, model, (d,) = _decisions(logged_world)
     with open_warehouse(settings) as engine:
-        load_reclog(engine, reclog_dir(settings))
-        attribute(engine, as_of=as_of)
-        d = load_logged_decisions(engine, model.features, as_of=as_of)
-        history = load_exposure_history(engine, model.features, before=as_of, days=30)
+        history = load_exposure_history(engine, model.features, before=logged_world[2], days=30)
     rules = EligibilityRules.from_settings(settings.serving)
     given_back = 0
     for q, user in enumerate(d.users):
