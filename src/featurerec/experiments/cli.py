@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -143,6 +144,14 @@ def _when(text: str | None, option: str) -> datetime | None:
         ) from None
 
 
+class ExposureMode(StrEnum):
+    """``featurerec experiment ope --exposure``: whose exposure the candidate is replayed
+    with (:class:`featurerec.experiments.offline.SelfExposure`)."""
+
+    own = "own"
+    logged = "logged"
+
+
 @experiment_app.command("ope")
 def ope_cmd(
     ctx: typer.Context,
@@ -182,13 +191,13 @@ def ope_cmd(
         ),
     ] = True,
     exposure: Annotated[
-        str,
+        ExposureMode,
         typer.Option(
             help="own: replay the candidate with its own exposure (serving's caps, "
             "cooldowns and diversity rule on what it would have shown: what it gets once it "
             "serves for weeks); logged: on the log's eligibility (one-step).",
         ),
-    ] = "own",
+    ] = ExposureMode.own,
     seed: Annotated[int, typer.Option(help="Seed of the own-exposure replay's draws.")] = 0,
     json_out: Json = False,
 ) -> None:
@@ -207,8 +216,6 @@ def ope_cmd(
     from featurerec.serving.eligibility import EligibilityRules
     from featurerec.warehouse.engine import open_warehouse
 
-    if exposure not in ("own", "logged"):
-        raise typer.BadParameter(f"{exposure!r}: expected own or logged", param_hint="--exposure")
     settings = settings_from(ctx)
     with open_warehouse(settings, read_only=True) as engine:
         when = resolve_as_of(engine, _when(as_of, "--as-of"))
@@ -226,7 +233,9 @@ def ope_cmd(
             candidate_generator_uri=candidate_generator,
             index_uri=index,
             experiments=experiments,
-            rules=EligibilityRules.from_settings(settings.serving) if exposure == "own" else None,
+            rules=EligibilityRules.from_settings(settings.serving)
+            if exposure is ExposureMode.own
+            else None,
             seed=seed,
         )
     if json_out:
@@ -292,10 +301,10 @@ def print_ope_report(report: Any) -> None:
         if res.unsupported_mass > 0.01:
             console.print(
                 f"[yellow]{metric}: replayed with its own exposure, the candidate puts "
-                f"{res.unsupported_mass:.1%} of each slot on items the logging policy had "
-                "excluded at that request (its own caps and cooldowns); IPS counts those as "
-                "0 and SNIPS renormalises, DR fills them in with its reward model: prefer "
-                "DR[/yellow]"
+                f"{res.unsupported_mass:.1%} of each slot on items the logging policy's caps "
+                "and cooldowns had excluded at that request, so the log has no reward for "
+                "them there; IPS counts those as 0 and SNIPS renormalises, DR fills them in "
+                "with its reward model: prefer DR[/yellow]"
             )
         if res.unlogged_mass > 0.01:
             console.print(
