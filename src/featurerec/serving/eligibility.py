@@ -30,11 +30,14 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from featurerec.serving.snapshot import FlagRule
+
+if TYPE_CHECKING:
+    from featurerec.config import ServingConfig
 
 WEEK_SECONDS = 7 * 86_400.0
 _TWO_64 = float(2**64)
@@ -49,8 +52,8 @@ class EligibilityRules:
     min_weekly_diversity: float = 0.60
 
     @classmethod
-    def from_settings(cls, serving: Any) -> EligibilityRules:
-        """The rules of a ``[serving]`` section (:class:`featurerec.config.ServingSettings`)."""
+    def from_settings(cls, serving: ServingConfig) -> EligibilityRules:
+        """The rules of a ``[serving]`` section."""
         return cls(
             dismissal_cooldown_days=serving.dismissal_cooldown_days,
             weekly_frequency_cap=serving.weekly_frequency_cap,

@@ -453,7 +453,8 @@ class RecommendationService:
         ):
             result.context_record = decision_context(
                 request_id, req.user_id, now_dt, placement, len(items), user, exclude,
-                exclude & ~base, state.features, dep.candidate_generator.top_k, dep.ranker.exploration_rate,
+                exclude & ~base, state.features, dep.candidate_generator.top_k,
+                dep.ranker.exploration_rate,
             )  # fmt: skip
         result.latency_ms = round((time.perf_counter() - t0) * 1000.0, 3)
         return result
