@@ -72,6 +72,13 @@ def _log(
     )
 
 
+def _candidate(requests: np.ndarray, exclude: np.ndarray) -> np.ndarray:
+    """The deterministic candidate (eps = 0, one slot, preference UPSTREAM)."""
+    up = np.tile(UPSTREAM, (len(requests), 1))
+    rank = np.argsort(np.argsort(-up, axis=1), axis=1)
+    return slate_distribution(up, rank, exclude, 1, 20, 0.0)
+
+
 def _replay(d: LoggedDecisions, history: ExposureHistory | None = None) -> list[np.ndarray]:
     """The eligibility the deterministic candidate (eps = 0, one slot) was replayed on at
     each of u1's requests, in order."""
@@ -80,9 +87,7 @@ def _replay(d: LoggedDecisions, history: ExposureHistory | None = None) -> list[
     def dist_fn(requests: np.ndarray, exclude: np.ndarray) -> np.ndarray:
         for q, row in zip(requests.tolist(), exclude, strict=True):
             seen[q] = row.copy()
-        up = np.tile(UPSTREAM, (len(requests), 1))
-        return slate_distribution(up, np.argsort(np.argsort(-up, axis=1), axis=1), exclude,
-                                  1, 20, 0.0)  # fmt: skip
+        return _candidate(requests, exclude)
 
     cfg = SelfExposure(RULES, 0.0, history or ExposureHistory())
     evaluate(d, dist_fn, k=1, min_rounds=1, self_exposure=cfg)
@@ -137,17 +142,12 @@ def test_unsupported_mass_is_what_the_candidate_shows_where_the_log_could_not() 
     the log showed "a", is the only supported one), so IPS sees reward 0 there."""
     d = _log([3, 3], logged_excluded=[[0], [0]], exposure_excluded=[[0], [0]], hours=24)
 
-    def dist_fn(requests: np.ndarray, exclude: np.ndarray) -> np.ndarray:
-        up = np.tile(UPSTREAM, (len(requests), 1))
-        return slate_distribution(up, np.argsort(np.argsort(-up, axis=1), axis=1), exclude,
-                                  1, 20, 0.0)  # fmt: skip
-
     cfg = SelfExposure(RULES, 0.0)
-    res = evaluate(d, dist_fn, k=1, min_rounds=1, self_exposure=cfg)["click_through_rate"]
+    res = evaluate(d, _candidate, k=1, min_rounds=1, self_exposure=cfg)["click_through_rate"]
     assert not isinstance(res, str)
     assert res.unsupported_mass == pytest.approx(2 / 3)
     assert res.estimates["ips"].max_weight == pytest.approx(5.0)  # 1 / 0.2, u2's round
-    plain = evaluate(d, dist_fn, k=1, min_rounds=1)["click_through_rate"]
+    plain = evaluate(d, _candidate, k=1, min_rounds=1)["click_through_rate"]
     assert not isinstance(plain, str) and plain.unsupported_mass == 0
 
 
