@@ -3,6 +3,7 @@ serving's exposure rules applied to what the *candidate* showed, not what the lo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -32,26 +33,33 @@ def _log(
     *,
     dismissed: list[int] | None = None,
     adopted: list[int] | None = None,
+    clicked: list[int] | None = None,
     logged_excluded: list[list[int]] | None = None,
     exposure_excluded: list[list[int]] | None = None,
     hours: float = 1.0,
+    others: Sequence[tuple[int, int, int]] = (),
 ) -> LoggedDecisions:
-    """User u1: one request every ``hours``, each showing one item (slot 0); then user u2's
-    one request, showing "a" (the candidate's choice there, so the weights are not all 0)."""
-    shown = [*shown, 0]
+    """User u1: one request every ``hours``, each showing one item (slot 0); then one
+    request per entry of ``others`` (item, adopted, clicked), each by its own user; then
+    user u2's one request, showing "a" (the candidate's choice there, so the weights are
+    not all 0)."""
+    m = len(shown)
+    shown = [*shown, *(o[0] for o in others), 0]
     n = len(shown)
-    times = [T0 + timedelta(hours=hours * i) for i in range(n - 1)] + [T0]
-    users = ["u1"] * (n - 1) + ["u2"]
-    dismissed = [*(dismissed or [0] * (n - 1)), 0]
-    adopted = [*(adopted or [0] * (n - 1)), 0]
-    logged_excluded = [*(logged_excluded or [[] for _ in range(n - 1)]), []]
-    exposure_excluded = [*(exposure_excluded or [[] for _ in range(n - 1)]), []]
+    times = [T0 + timedelta(hours=hours * i) for i in range(m)] + [T0] * (n - m)
+    users = ["u1"] * m + [f"o{i}" for i in range(len(others))] + ["u2"]
+    rest = [0] * (n - m)
+    dismissed = [*(dismissed or [0] * m), *rest]
+    adopted = [*(adopted or [0] * m), *(o[1] for o in others), 0]
+    clicked = [*(clicked or [0] * m), *(o[2] for o in others), 0]
+    logged_excluded = [*(logged_excluded or [[] for _ in range(m)]), *([] for _ in rest)]
+    exposure_excluded = [*(exposure_excluded or [[] for _ in range(m)]), *([] for _ in rest)]
     rounds = Rounds(
         recommendation_id=np.array([f"r{i}" for i in range(n)], dtype=object),
         user_id=np.array(users, dtype=object),
         variant=np.array([""] * n, dtype=object),
         generated_at=np.array(times, dtype="datetime64[us]"),
-        clicked=np.zeros(n, dtype=np.int64),
+        clicked=np.array(clicked, dtype=np.int64),
         adopted_7d=np.array(adopted, dtype=np.int64),
         as_of=T0 + timedelta(days=30),
         showing=np.ones(n, dtype=np.int64),
@@ -113,9 +121,32 @@ def test_the_cap_counts_only_the_last_seven_days() -> None:
 
 def test_logged_dismissals_and_adoptions_of_the_candidates_items_carry_over() -> None:
     """Where the log showed the candidate's item, its logged outcome is the candidate's."""
-    seen = _replay(_log([0, 1, 3], dismissed=[1, 0, 0], adopted=[0, 1, 0]))
-    # request 1: "a" shown and dismissed (cooldown); request 2: "b" shown and adopted
+    d = _log([0, 1, 3], dismissed=[1, 0, 0], adopted=[0, 1, 0], clicked=[0, 1, 0])
+    seen = _replay(d)
+    # request 1: "a" shown and dismissed (cooldown); request 2: "b" clicked and adopted
     assert [_excluded(m) for m in seen] == [[], ["a"], ["a", "b"]]
+
+
+def test_an_adoption_without_a_click_is_organic_and_does_not_exclude() -> None:
+    """ "b" adopted within 7 days of the showing but never clicked: organic (the logged
+    eligibility excludes it once the first use happens), so the candidate keeps it."""
+    seen = _replay(_log([0, 1, 3], dismissed=[1, 0, 0], adopted=[0, 1, 0]))
+    assert [_excluded(m) for m in seen] == [[], ["a"], ["a"]]
+
+
+def test_caused_adoptions_are_drawn_at_the_logged_click_through_adoption_rate() -> None:
+    """Where the log did not show the candidate's item, its adoption is a draw from the
+    logged rate of adoptions after a click. u1's log shows "a" (dismissed: cooldown), then
+    "c" twice, so the candidate shows "b" twice where the log did not; 50 other users are
+    the evidence for "b": shown and adopted. Not clicked, that rate is 0 and "b" stays;
+    clicked, it is ~1 and the candidate's first showing excludes "b"."""
+
+    def replay(clicked: int) -> list[list[str]]:
+        d = _log([0, 2, 2], dismissed=[1, 0, 0], others=[(1, 1, clicked)] * 50, hours=24.0)
+        return [_excluded(m) for m in _replay(d)[:3]]
+
+    assert replay(clicked=0) == [[], ["a"], ["a"]]
+    assert replay(clicked=1) == [[], ["a"], ["a", "b"]]
 
 
 def test_the_logging_policys_exposure_exclusions_are_given_back() -> None:
@@ -170,3 +201,4 @@ def test_sample_slates_draws_the_epsilon_greedy_policy() -> None:
     assert (
         sample_slates(slate_distribution(up, rank, one, 2, 20, 0.3), 0.3, rng)[:, 1] == -1
     ).all()
+
