@@ -202,3 +202,31 @@ def test_sample_slates_draws_the_epsilon_greedy_policy() -> None:
         sample_slates(slate_distribution(up, rank, one, 2, 20, 0.3), 0.3, rng)[:, 1] == -1
     ).all()
 
+
+def test_dr_fills_an_item_the_user_dismissed_before_at_the_dismissers_logged_rate() -> None:
+    """Known truth: users who dismissed "a" before never click it when it comes back
+    (o100-o199, dismissed 20 days ago, outside the cooldown); fresh users always do
+    (o0-o99). At u1's request the log's exposure rules hid "a" (given back to the
+    candidate, which shows it: no logged reward there), so DR's reward model fills it in.
+    If u1 had dismissed "a" before, the fill is the dismissers' rate (0), not the mean of
+    all showings of "a" (~0.5)."""
+    old = epoch_seconds(T0 - timedelta(days=20))
+    others = [(0, 0, 1)] * 100 + [(0, 0, 0)] * 100
+    d = _log([3], logged_excluded=[[0]], exposure_excluded=[[0]], others=others)
+    dismissers = {f"o{i}": {0: old} for i in range(100, 200)}
+
+    def dr(u1_dismissed: bool) -> tuple[float, float | None]:
+        history = ExposureHistory({}, {**dismissers, **({"u1": {0: old}} if u1_dismissed else {})})
+        res = evaluate(d, _candidate, metrics=("click_through_rate",), k=1, min_rounds=1,
+                       self_exposure=SelfExposure(RULES, 0.0, history))  # fmt: skip
+        est = res["click_through_rate"]
+        assert not isinstance(est, str)
+        assert est.unsupported_mass == pytest.approx(1 / d.n)  # u1's slot
+        return est.estimates["dr"].value, est.dismissed_ratio
+
+    fresh, ratio_fresh = dr(False)
+    dismissed, ratio = dr(True)
+    assert ratio == ratio_fresh == 0.0  # the dismissers' logged CTR on "a" is 0
+    # u1's slot: the mean CTR of "a" (~100 clicks / 201 showings) for a fresh user, 0 for
+    # a user who dismissed it before
+    assert (fresh - dismissed) * d.n == pytest.approx(100 / 201, abs=0.01)

@@ -306,6 +306,12 @@ def print_ope_report(report: Any) -> None:
                 "them there; IPS counts those as 0 and SNIPS renormalises, DR fills them in "
                 "with its reward model: prefer DR[/yellow]"
             )
+        if res.dismissed_ratio is not None:
+            console.print(
+                f"[dim]{metric}: DR's reward model takes {res.dismissed_ratio:.2f} x its value "
+                "for an item the user had dismissed before (the logged ratio on such "
+                "re-showings)[/dim]"
+            )
         if res.unlogged_mass > 0.01:
             console.print(
                 f"[yellow]{metric}: the candidate puts {res.unlogged_mass:.1%} of each slot "

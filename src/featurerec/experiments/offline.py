@@ -319,13 +319,19 @@ class SelfExposure:
     only through the eligibility); adoptions the logging policy caused stay in the logged
     eligibility. The candidate's mass on items the logging policy could not show at a request
     (it had excluded them) has no logged reward there: IPS counts it as 0, DR fills it with
-    the reward model (:attr:`CandidateEstimate.unsupported_mass` says how much). ``seed``
-    fixes the draws."""
+    the reward model (:attr:`CandidateEstimate.unsupported_mass` says how much), scaled for
+    an item the user had dismissed before in the log world by the logged ratio on such
+    re-showings (:attr:`CandidateEstimate.dismissed_ratio`: a dismissal says the item suits
+    that user less than the mean). ``seed`` fixes the draws."""
 
     rules: EligibilityRules
     eps: float
     history: ExposureHistory = field(default_factory=ExposureHistory)
     seed: int = 0
+
+
+#: Fewest logged re-showings of a dismissed item to estimate their reward ratio from.
+MIN_DISMISSED_ROUNDS = 100
 
 
 class _Replay:
@@ -362,6 +368,22 @@ class _Replay:
             ctx_r[closed], d.action[closed], caused[closed], n_contexts=n_contexts,
             n_actions=n_actions,
         )  # fmt: skip
+        # when each user first dismissed each item in the log world (the history before
+        # the window, then the window's rounds), and which logged rounds re-showed an item
+        # the user had dismissed before
+        self.log_dismissals: dict[str, dict[int, float]] = {
+            u: dict(v) for u, v in cfg.history.dismissed.items()
+        }
+        self.dismissed_before = np.zeros(d.n, dtype=bool)
+        for i in np.argsort(d.times[d.request], kind="stable").tolist():
+            a, q = int(d.action[i]), int(d.request[i])
+            if a >= self.n_items:
+                continue
+            seen = self.log_dismissals.setdefault(d.users[q].user_id, {})
+            t = float(d.times[q])
+            self.dismissed_before[i] = seen.get(a, np.inf) < t
+            if dis[i] and a not in seen:
+                seen[a] = t
         # the logged outcome of each item the logging policy showed, per request
         self.logged: dict[int, dict[int, tuple[bool, bool | None]]] = {}
         adopted_known = np.where(closed, caused > 0, False)
@@ -389,6 +411,34 @@ class _Replay:
                 base[list(adopted)] = True
             now = float(d.times[q])
             out[row] = exposure_exclude(rules, base, self._exposure(user, now), now, self.k)[0]
+        return out
+
+    def dismissed_ratio(
+        self,
+        models: dict[str, np.ndarray],
+        rewards: dict[str, tuple[np.ndarray, np.ndarray]],
+        ctx: np.ndarray,
+    ) -> dict[str, float | None]:
+        """Per metric: the logged reward on rounds re-showing an item the user had
+        dismissed before, over the reward model's (bucket, item) value on them; None below
+        MIN_DISMISSED_ROUNDS such rounds."""
+        out: dict[str, float | None] = {}
+        for m, table in models.items():
+            r, closed = rewards[m]
+            f = self.dismissed_before & closed
+            expected = float(table[ctx[f], self.d.action[f]].sum())
+            ok = int(f.sum()) >= MIN_DISMISSED_ROUNDS and expected > 0
+            out[m] = float(r[f].sum()) / expected if ok else None
+        return out
+
+    def dismissed_mask(self, batch: np.ndarray) -> np.ndarray:
+        """(len(batch), n_items): True where the user had dismissed the item in the log
+        world before that request."""
+        out = np.zeros((len(batch), self.n_items), dtype=bool)
+        for row, q in enumerate(batch.tolist()):
+            now = float(self.d.times[q])
+            seen = self.log_dismissals.get(self.d.users[q].user_id, {})
+            out[row, [j for j, t in seen.items() if t < now]] = True
         return out
 
     def _exposure(self, user: str, now: float) -> Exposure:
@@ -490,6 +540,10 @@ class CandidateEstimate:
     unlogged_mass: float
     strata: dict[str, StratumEstimate]
     unsupported_mass: float = 0.0
+    #: With :class:`SelfExposure`: the logged reward on re-showings of an item the user had
+    #: dismissed, over DR's reward model on them (it scales the model for such pairs);
+    #: None when the log has fewer than MIN_DISMISSED_ROUNDS of them (no adjustment)
+    dismissed_ratio: float | None = None
 
 
 #: A request chunk's slate distribution is (chunk, n_items, k) float64; chunks are sized
@@ -557,6 +611,16 @@ def evaluate(
         else (np.arange(r0, min(r0 + step, len(d.users))) for r0 in range(0, len(d.users), step))
     )
     local = np.zeros(len(d.users), dtype=np.int64)  # request -> row in its batch
+    # with the candidate's own exposure, DR's reward model knows whether the user had
+    # dismissed the item before (in the log world): a dismissal says the item suits that
+    # user less than the (bucket, item) mean, which matters where the candidate shows an
+    # item the log's cooldown hid (no logged reward there: the model fills it in)
+    dismissed_ratio = (
+        {m: None for m in q} if replay is None else replay.dismissed_ratio(q, rewards, ctx)
+    )
+    ratio = {m: 1.0 if v is None else v for m, v in dismissed_ratio.items()}
+    dis_before = np.zeros(d.n, dtype=bool) if replay is None else replay.dismissed_before
+    adjust = any(v != 1.0 for v in ratio.values())
     for batch in batches:
         lens = bounds[batch + 1] - bounds[batch]  # the batch's rounds, request by request
         sel = by_request[np.repeat(bounds[batch] - np.cumsum(lens) + lens, lens)
@@ -584,8 +648,12 @@ def evaluate(
         slot_mass[sel] = at.sum(axis=1)
         unlogged[sel] = at[:, unlogged_items].sum(axis=1)
         unsupported[sel] = np.einsum("ri,ri->r", at, logged[row])
+        dmask = replay.dismissed_mask(batch)[row] if replay is not None and adjust else None
         for m, table in q.items():
-            q_expected[m][sel] = np.einsum("ri,ri->r", at, table[ctx[sel], :n_items])
+            tq = table[ctx[sel], :n_items]
+            if dmask is not None:
+                tq = np.where(dmask, tq * ratio[m], tq)
+            q_expected[m][sel] = np.einsum("ri,ri->r", at, tq)
     if np.any(slot_mass > 1 + 1e-6):
         raise DataError("the candidate's slate distribution puts more than 1 on a slot")
     showing = showing_stratum(d.rounds.showing)
@@ -606,7 +674,8 @@ def evaluate(
             estimates=estimate_from_weights(
                 r,
                 w,
-                q_logged=q[metric][ctx[closed], d.action[closed]],
+                q_logged=q[metric][ctx[closed], d.action[closed]]
+                * np.where(dis_before[closed], ratio[metric], 1.0),
                 q_expected=q_expected[metric][closed],
                 groups=g,
                 shown=np.clip(slot_mass[closed], 0.0, 1.0),
@@ -615,6 +684,7 @@ def evaluate(
             empty_mass=float(np.clip(1.0 - slot_mass[closed], 0.0, 1.0).mean()),
             unlogged_mass=float(unlogged[closed].mean()),
             unsupported_mass=float(unsupported[closed].mean()),
+            dismissed_ratio=dismissed_ratio.get(metric),
             strata=stratified_snips(r, w, showing[closed], groups=g),
         )
     return out
