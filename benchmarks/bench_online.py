@@ -35,8 +35,13 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--users", type=int, default=36_000)
     ap.add_argument("--history-days", type=int, default=14)
-    ap.add_argument("--warmup-days", type=int, default=14)
-    ap.add_argument("--burn-in", type=int, default=3, help="Warm-up days the OPE leaves out.")
+    ap.add_argument("--warmup-days", type=int, default=OnlineConfig.warmup_days)
+    ap.add_argument(
+        "--burn-in",
+        type=int,
+        default=OnlineConfig.ope_burn_in_days,
+        help="Warm-up days the OPE leaves out; the models it evaluates are retrained then.",
+    )
     ap.add_argument("--weeks", type=float, default=4)
     ap.add_argument("--retrain-every", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
@@ -53,7 +58,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "online.json"))
     args = ap.parse_args()
     if args.quick:
-        args.users, args.weeks, args.warmup_days = 3000, 1, 11
+        args.users, args.weeks, args.warmup_days, args.burn_in = 3000, 1, 11, 3
     settings = Settings.model_validate({"data_dir": args.work})
     spec = find_experiment(settings, args.spec)
     cfg = OnlineConfig(

@@ -194,6 +194,9 @@ def demo(
                 *data_flags,
                 *("simulate", "experiment", "rec-personalization-strategy"),
                 *("--users", str(ONLINE_USERS), "--weeks", "1", "--warmup-days", "7"),
+                # a short demo: the OPE log starts 3 days into the warm-up (a full run
+                # waits out the 14-day dismissal cooldown first)
+                *("--burn-in", "3"),
                 *("--seed", str(seed), "--out", str(online)),
             ],
         ),

@@ -13,22 +13,22 @@
    exploration; every served item is logged with the *mixture's* propensity (the
    share-weighted sum of each mixed strategy's probability of showing that item at that
    position, from the same score lookups the service made; the service's own propensity of
-   the strategy that served is checked against this reconstruction on every item). The
-   targets of the OPE are the models retrained at the warm-up's end, which agree with their
-   warm-up versions on only part of the slots (the bandit learns from the warm-up's
-   feedback), so the uniform share is what bounds the importance weights (by ~2 x the
-   number of candidates; with the production policy alone, eps = 0.1, they reach ~100).
+   the strategy that served is checked against this reconstruction on every item).
    ``logging_policy="production"`` serves the warm-up with the production default strategy
-   alone, as production would. At the warm-up's end, the OPE estimate of each variant's CTR
-   and 7-day adoption per recommendation is made from that log after its first
-   ``ope_burn_in_days`` (:mod:`featurerec.experiments.ope`, rewards from
-   :mod:`featurerec.experiments.rounds`), before any user sees the variants: each variant
-   replayed with its own exposure (its own caps, cooldowns and adoptions,
+   alone, as production would. The OPE log starts ``ope_burn_in_days`` into the warm-up
+   (14: the dismissal cooldown, after which dismissed features come back, as they do all
+   through the experiment), and the pipeline retrains then: the targets of the OPE are
+   those models, which have not seen the log they are evaluated on (a policy evaluated on
+   the log it learned from looks better than it is). They are earlier versions of the
+   models the variants serve; the models retrained at the warm-up's end (and weekly during
+   the run) have seen more feedback. The uniform share bounds the importance weights (by
+   ~2 x the number of candidates; with the production policy alone, eps = 0.1, they reach
+   ~100). At the warm-up's end, the OPE estimate of each variant's CTR and 7-day adoption
+   per recommendation is made from that log (:mod:`featurerec.experiments.ope`, rewards
+   from :mod:`featurerec.experiments.rounds`), before any user sees the variants: each
+   variant replayed with its own exposure (its own caps, cooldowns and adoptions,
    :class:`featurerec.experiments.offline.SelfExposure`; the headline) and, for comparison,
-   one-step on the log's eligibility. The targets
-   whose bandit learned from that log's clicks (hybrid, sequence_aware) are cross-fitted:
-   each logged round is evaluated by a copy whose bandit learned from the other half of the
-   users only, since a policy evaluated on the log it learned from looks better than it is.
+   one-step on the log's eligibility.
 3. **Experiment** (``weeks`` x 7 days): each day SIM's world continues (``ChunkSim.step_day``);
    every active user asks SERVE's :class:`RecommendationService` (in-process, with the
    experiment spec, so assignment is :func:`featurerec.experiments.assignment.assign`) for
@@ -76,12 +76,10 @@ events SIM adds for clicks are lost for clicks on the day before the one being a
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import shutil
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -112,9 +110,9 @@ class OnlineConfig:
 
     users: int = 36_000
     history_days: int = 14
-    #: Production-policy days before the experiment (the OPE log); OPE needs at least
+    #: Logging-policy days before the experiment (the OPE log); OPE needs at least
     #: ``ope_burn_in_days`` + 7 + 1 of them for 7-day adoption (windows must close).
-    warmup_days: int = 14
+    warmup_days: int = 28
     #: None = the spec's duration_weeks.
     weeks: float | None = None
     #: The spec retrains daily (1); weekly keeps a 4-week, 36k-user run within 10 minutes.
@@ -125,12 +123,16 @@ class OnlineConfig:
     seed: int = 0
     pipeline_spec: str = "builtin:pipeline.demo.json"
     ope: bool = True
-    #: OPE ignores the warm-up's first days: recommendations start from nothing there
-    #: (every slate is a first exposure, no caps or dismissals yet), a transient the
-    #: experiment, which follows the warm-up, never sees (in the run that set this default,
-    #: whose result file was not kept: per-recommendation 7-day adoption 0.064 / 0.055 /
-    #: 0.049 on warm-up days 0-2, 0.043-0.047 from day 3 on and during the experiment).
-    ope_burn_in_days: int = 3
+    #: OPE's log starts this many days into the warm-up, and the models OPE evaluates are
+    #: retrained then (trained before the log they are evaluated on). Recommendations
+    #: start from nothing in the simulated world: at first every slate is a first
+    #: exposure, with no dismissals or caps behind it, a transient the experiment, which
+    #: follows the warm-up, never sees. It lasts as long as serving's dismissal cooldown
+    #: (14 days): only then do dismissed features come back. In the 4-week experiment of
+    #: benchmarks/results/online.json 56% of the recommendations re-showed a feature the
+    #: user had dismissed, at ~60% of the others' CTR; a log starting 3 days in (the
+    #: earlier default) had none.
+    ope_burn_in_days: int = 14
     #: Who serves the warm-up, whose log OPE reads: ``"mixture"``, a logging policy
     #: designed for OPE (each request is served uniformly at random with probability
     #: ``logging_uniform_share``, otherwise by a strategy drawn uniformly from the
@@ -198,9 +200,6 @@ class OPEResult:
     #: then far too high)
     effective_sample_size: float | None = None
     max_weight: float | None = None
-    #: the target's bandit was relearned per half of the users and each round evaluated
-    #: by the half that did not learn from it (see ``OnlineExperiment._cross_fitted``)
-    cross_fitted: bool = False
     #: "own": the target replayed with its own exposure (its own caps, cooldowns and
     #: adoptions; :class:`featurerec.experiments.offline.SelfExposure`), the headline;
     #: "logged": on the log's eligibility (one-step)
@@ -370,6 +369,8 @@ class OnlineExperiment:
         self._log_buffer: list[dict[str, Any]] = []
         self._fb_buffer: list[dict[str, Any]] = []
         self._ctx_buffer: list[dict[str, Any]] = []
+        #: the models OPE evaluates: those trained when the OPE log starts (None: the served)
+        self.ope_model: Any = None
 
     # ---------------------------------------------------------------------------------------
     def _time(self, key: str, t0: float) -> None:
@@ -858,7 +859,13 @@ class OnlineExperiment:
         exp_days = round(weeks * 7)
         total = self.cfg.warmup_days + exp_days
         done = 0
-        for _ in range(self.cfg.warmup_days):
+        for i in range(self.cfg.warmup_days):
+            if i == self.cfg.ope_burn_in_days:
+                # OPE evaluates the models trained when its log starts, on that log: models
+                # evaluated on a log they were trained on look better than they are
+                if i:
+                    self._retrain()
+                self.ope_model = self.model
             self.progress(f"warm-up ({self.cfg.logging_policy} logging policy)", done, total)
             self.step_day("warmup")
             done += 1
@@ -891,56 +898,12 @@ class OnlineExperiment:
         self._time("world_step", t0)
 
     # ---------------------------------------------------------------------------------------
-    def _cross_fitted(self, as_of: datetime) -> dict[str, dict[int, Any]]:
-        """For each strategy with a bandit: two copies of the served model, each with the
-        bandits relearned (as the pipeline's bandit stage learns them) from the warm-up
-        feedback of one half of the users (:func:`user_fold`). OPE evaluates each logged
-        round with the copy that did not learn from it (cross-fitting): a policy learned
-        from a log and evaluated on the same log is optimistically biased (its bandit has
-        fitted that log's noise: in one 36k-user run without cross-fitting, whose result
-        file was not kept, hybrid's OPE CTR was 20% above the frozen policy's online rate,
-        while the two strategies without a bandit landed inside their intervals), so the
-        estimate is for the same training procedure on half the feedback."""
-        from featurerec.models.data import load_training_data
-        from featurerec.models.training import apply_feedback, feedback_rows
-        from featurerec.serving.loader import BundleModel
-
-        bundle: Any = getattr(self.model, "bundle", None)
-        bandits = getattr(bundle, "bandits", None)
-        if not bandits:
-            return {}
-        reward = self._bandit_reward()
-        cut = as_of - timedelta(microseconds=1)  # the retrain's as-of time
-        rows = feedback_rows(self.engine, cut, reward)
-        if not rows:
-            return {}
-        data = load_training_data(self.engine, self.settings, cut, validation_days=None)
-        copies: dict[int, Any] = {}
-        for fold in (0, 1):
-            b = copy.copy(bundle)  # the same models; only the bandits are relearned
-            b.bandits = {n: copy.deepcopy(x) for n, x in bandits.items()}
-            apply_feedback(b, data, [r for r in rows if user_fold(str(r["user_id"])) == fold],
-                           reward)  # fmt: skip
-            copies[fold] = BundleModel(b, f"{self.model.version}+fold{fold}")
-        return {name: copies for name in bandits}
-
-    def _bandit_reward(self) -> str:
-        """The reward the pipeline's bandit stage learns (its ``reward`` hyperparameter)."""
-        from featurerec.models.training import DEFAULT_REWARD
-        from featurerec.pipeline.spec import load_spec
-
-        spec = load_spec(self.cfg.pipeline_spec, self.settings)
-        for name in spec.order():
-            st = spec.stage(name)
-            if st.type == "model_training" and st.model_type == "contextual_bandit":
-                return str(st.hyperparameters.get("reward", DEFAULT_REWARD))
-        return DEFAULT_REWARD
-
     def _ope_estimates(self) -> list[dict[str, Any]]:
         """Each variant's CTR and 7-day adoption per recommendation estimated from the
         warm-up log (after its burn-in), now, as ``featurerec experiment ope`` estimates a
         candidate on a deployment's log (:mod:`featurerec.experiments.offline`: the logged
-        decisions read back from the warehouse, each variant's strategy replayed on them).
+        decisions read back from the warehouse, each variant's strategy of the models
+        trained when the log starts, ``ope_model``, replayed on them).
         Rewards, denominators and censoring are :mod:`featurerec.experiments.rounds`' (the
         online side of the comparison uses the same definitions)."""
         from featurerec.experiments.offline import (
@@ -962,8 +925,9 @@ class OnlineExperiment:
         # the last warm-up day's recommendations get their responses when the next day is
         # simulated, so their clicks are not known yet: the log ends before that day
         end = self._dt((self.day - 1) * DAY_US) - timedelta(microseconds=1)
+        model = self.ope_model or self.model
         decisions = load_logged_decisions(
-            self.engine, self.model.features, as_of=as_of, start=self.ope_log_start, end=end,
+            self.engine, model.features, as_of=as_of, start=self.ope_log_start, end=end,
             experiments=False, include_random=self.cfg.logging_policy == "mixture",
         )  # fmt: skip
         out: list[dict[str, Any]] = []
@@ -976,11 +940,9 @@ class OnlineExperiment:
         eps = self.deployment.models.ranker.exploration_rate
         k = self.deployment.models.ranker.output_k
         top_k = self.deployment.models.candidate_generator.top_k
-        cross = self._cross_fitted(as_of)
-        fold = np.array([user_fold(u.user_id) for u in decisions.users], dtype=np.int64)
         rules = EligibilityRules.from_settings(self.settings.serving)
         history = load_exposure_history(
-            self.engine, self.model.features, before=self.ope_log_start,
+            self.engine, model.features, before=self.ope_log_start,
             days=max(7, rules.dismissal_cooldown_days),
         )  # fmt: skip
         for v in self.spec.variants:
@@ -989,12 +951,9 @@ class OnlineExperiment:
                 out.append({"variant": v.name, "strategy": strategy, "skip":
                             "placement differs from the logged placement: no support"})  # fmt: skip
                 continue
-            name = self.model.strategy_name(strategy or self.settings.serving.default_strategy)
+            name = model.strategy_name(strategy or self.settings.serving.default_strategy)
             e = 1.0 if name == "random" else eps
-            # each decision of a bandit strategy is evaluated by the copy whose bandit did
-            # not learn from it (cross-fitting)
-            copies = cross.get(name, {0: self.model, 1: self.model})
-            dist_fn = functools.partial(_fold_dist, copies, fold, name, decisions, k, top_k, e)
+            dist_fn = functools.partial(_target_dist, model, name, decisions, k, top_k, e)
             # the headline: the variant replayed with its own exposure (its own caps,
             # cooldowns and adoptions, as it will run); next to it the one-step estimate on
             # the log's eligibility
@@ -1018,7 +977,7 @@ class OnlineExperiment:
                                 "exposure": exposure, "estimates": res.estimates, "n": res.n,
                                 "empty_mass": res.empty_mass,
                                 "unsupported_mass": res.unsupported_mass,
-                                "cross_fitted": name in cross,
+                                "dismissed_ratio": res.dismissed_ratio,
                                 "strata": res.strata if replay is None else None})  # fmt: skip
         self._time("ope", t0)
         return out
@@ -1089,6 +1048,9 @@ class OnlineExperiment:
                 if o.get("unsupported_mass", 0) > 0.005:
                     notes.append(f"{o['unsupported_mass']:.1%} of the target's mass on items "
                                  "the log could not show there")  # fmt: skip
+                if o.get("dismissed_ratio") is not None and name == "dr":
+                    notes.append(f"DR model x {o['dismissed_ratio']:.2f} for items dismissed "
+                                 "before")  # fmt: skip
                 note = "; ".join(notes)
                 ope.append(
                     OPEResult(o["variant"], o["strategy"], o["metric"], name, e.value, e.ci_low,
@@ -1100,7 +1062,6 @@ class OnlineExperiment:
                               consistent_frozen=ok_fr,
                               effective_sample_size=e.effective_sample_size,
                               max_weight=e.max_weight,
-                              cross_fitted=bool(o.get("cross_fitted")),
                               exposure=o["exposure"],
                               unsupported_mass=o.get("unsupported_mass", 0.0))
                 )  # fmt: skip
@@ -1182,9 +1143,8 @@ class OnlineExperiment:
         return out
 
 
-def _fold_dist(
-    copies: dict[int, Any],
-    fold: np.ndarray,
+def _target_dist(
+    model: Any,
     name: str,
     decisions: Any,
     k: int,
@@ -1194,23 +1154,11 @@ def _fold_dist(
     exclude: np.ndarray,
 ) -> np.ndarray:
     """The slate distribution of ``requests`` under ``exclude``
-    (:func:`~featurerec.experiments.offline.evaluate`'s ``dist_fn``), each request's by the
-    model copy of the other user fold."""
+    (:func:`~featurerec.experiments.offline.evaluate`'s ``dist_fn``)."""
     from featurerec.experiments.offline import target_slate_dist
 
-    out = np.zeros((len(requests), len(decisions.features), k))
-    for f, model in copies.items():
-        rows = np.flatnonzero(fold[requests] != f)
-        if rows.size:
-            req = requests[rows]
-            out[rows] = target_slate_dist(model, name, [decisions.users[i] for i in req.tolist()],
-                                          exclude[rows], k, top_k, eps)  # fmt: skip
-    return out
-
-
-def user_fold(user_id: str) -> int:
-    """The cross-fitting half (0 or 1) a user belongs to: a stable hash of the id."""
-    return zlib.crc32(user_id.encode()) & 1
+    users = [decisions.users[i] for i in requests.tolist()]
+    return target_slate_dist(model, name, users, exclude, k, top_k, eps)
 
 
 # -- output ---------------------------------------------------------------------------------------
@@ -1314,10 +1262,14 @@ def simulate_experiment_cmd(
     history_days: Annotated[int, typer.Option(help="Behaviour before the run.")] = 14,
     warmup_days: Annotated[
         int, typer.Option(help="Warm-up days served by the logging policy (the OPE log).")
-    ] = 14,
+    ] = OnlineConfig.warmup_days,
     burn_in: Annotated[
-        int, typer.Option(help="First warm-up days the OPE leaves out (start transient).")
-    ] = 3,
+        int,
+        typer.Option(
+            help="First warm-up days the OPE leaves out (start transient); the models OPE "
+            "evaluates are retrained when its log starts."
+        ),
+    ] = OnlineConfig.ope_burn_in_days,
     retrain_every: Annotated[int, typer.Option(help="Retrain every N days.")] = 7,
     placement: Annotated[
         str, typer.Option(help="Placement for variants that do not choose one.")
