@@ -860,7 +860,7 @@ class OnlineExperiment:
         total = self.cfg.warmup_days + exp_days
         done = 0
         for i in range(self.cfg.warmup_days):
-            if i == self.cfg.ope_burn_in_days:
+            if self.cfg.ope and i == self.cfg.ope_burn_in_days:
                 # OPE evaluates the models trained when its log starts, on that log: models
                 # evaluated on a log they were trained on look better than they are
                 if i:
