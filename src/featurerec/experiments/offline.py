@@ -650,10 +650,11 @@ def evaluate(
         unsupported[sel] = np.einsum("ri,ri->r", at, logged[row])
         dmask = replay.dismissed_mask(batch)[row] if replay is not None and adjust else None
         for m, table in q.items():
-            tq = table[ctx[sel], :n_items]
+            tq = table[ctx[sel], :n_items]  # a copy (fancy indexing): scaled in place
             if dmask is not None:
-                tq = np.where(dmask, tq * ratio[m], tq)
+                tq[dmask] *= ratio[m]
             q_expected[m][sel] = np.einsum("ri,ri->r", at, tq)
+            del tq  # (rounds, items): freed before the next metric's is built
     if np.any(slot_mass > 1 + 1e-6):
         raise DataError("the candidate's slate distribution puts more than 1 on a slot")
     showing = showing_stratum(d.rounds.showing)
