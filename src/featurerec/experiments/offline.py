@@ -310,9 +310,8 @@ class SelfExposure:
        bucket, item) (:func:`~featurerec.experiments.ope.tabular_reward_model`). A caused
        adoption excludes the item from the user's later requests. An adoption without a
        click counts as organic: it is in the logged eligibility once it happens, for the
-       user it happened to (drawing those too excluded items at random from users who were
-       not going to adopt them; it lowered the simulated experiment's estimated 7-day
-       adoption by 1.5-5%, seeds 0 and 2, result files not kept).
+       user it happened to (drawing those too would exclude items at random from users
+       who were not going to adopt them, and lower the estimated adoption).
 
     What it does not model: the user's later requests, interests and organic adoption are the
     logged ones (a candidate that caused an adoption the logging policy did not changes them
@@ -322,7 +321,8 @@ class SelfExposure:
     the reward model (:attr:`CandidateEstimate.unsupported_mass` says how much), scaled for
     an item the user had dismissed before in the log world by the logged ratio on such
     re-showings (:attr:`CandidateEstimate.dismissed_ratio`: a dismissal says the item suits
-    that user less than the mean). ``seed`` fixes the draws."""
+    that user less than the mean). "Before" reaches back as far as ``history`` does (what
+    :func:`load_exposure_history` loaded) plus the window. ``seed`` fixes the draws."""
 
     rules: EligibilityRules
     eps: float
