@@ -27,6 +27,7 @@ from featurerec.config import Settings
 from featurerec.experiments.rounds import SHOWINGS
 from featurerec.experiments.spec import find_experiment
 from featurerec.simulate.online import OnlineConfig, OnlineExperiment, result_tables
+from featurerec.warehouse.engine import open_warehouse
 
 TARGET_SECONDS = 600
 
@@ -78,7 +79,8 @@ def main() -> int:
     def progress(msg: str, done: float, total: float) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg} ({done:.0f}/{total:.0f})", flush=True)
 
-    result = OnlineExperiment(spec, cfg, Path(args.work) / "run", settings, progress=progress).run()
+    exp = OnlineExperiment(spec, cfg, Path(args.work) / "run", settings, progress=progress)
+    result = exp.run()
     seconds = time.perf_counter() - t0
     tables = result_tables(result)
     users = {v.name: v.users for v in result.report.variants}
@@ -164,6 +166,9 @@ def main() -> int:
         "ope_by_exposure_inside_online_ci": {
             s: result.exposure_inside_share(s) for s in (*SHOWINGS, "remixed")
         },
+        "reshown_after_dismissal": reshown_after_dismissal(
+            exp.settings, spec.name, exp.ope_log_start, exp.experiment_start
+        ),
         "timings": result.timings,
         "counts": result.counts,
         "tables": tables,
@@ -195,6 +200,39 @@ def main() -> int:
         for r in rows:
             print("  ", r)
     return 0
+
+
+def reshown_after_dismissal(
+    settings: Settings, experiment: str, log_start: datetime, log_end: datetime
+) -> dict[str, dict[str, float | int | None]]:
+    """How many recommendations re-show a feature the user had dismissed before (any time
+    earlier in the recommendation log), and their CTR against the others': in the
+    experiment's variants, and in the OPE's log window. What the OPE's burn-in
+    (``ope_burn_in_days``) and DR's dismissed ratio are about."""
+    with open_warehouse(settings, read_only=True) as db:
+        rows = db.query_rows(
+            "WITH f AS (SELECT experiment, generated_at, clicked, COALESCE(MAX(dismissed) OVER ("
+            "PARTITION BY user_id, recommended_feature ORDER BY generated_at, recommendation_id "
+            "ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before "
+            "FROM ml.recommendation_feedback), p AS (SELECT CASE WHEN experiment = $e THEN "
+            "'experiment' WHEN experiment IS NULL AND generated_at >= $s AND generated_at < $t "
+            "THEN 'ope_log' END AS part, before, clicked FROM f) "
+            "SELECT part, before, COUNT(*) AS n, AVG(clicked) AS ctr FROM p "
+            "WHERE part IS NOT NULL GROUP BY part, before",
+            {"e": experiment, "s": log_start, "t": log_end},
+        )
+    out: dict[str, dict[str, float | int | None]] = {}
+    for part in ("experiment", "ope_log"):
+        got = {int(r["before"]): r for r in rows if r["part"] == part}
+        n = {b: int(got[b]["n"]) if b in got else 0 for b in (0, 1)}
+        out[part] = {
+            "rounds": n[0] + n[1],
+            "reshown_after_dismissal": n[1],
+            "share": n[1] / max(n[0] + n[1], 1),
+            "ctr_reshown": float(got[1]["ctr"]) if 1 in got else None,
+            "ctr_others": float(got[0]["ctr"]) if 0 in got else None,
+        }
+    return out
 
 
 if __name__ == "__main__":

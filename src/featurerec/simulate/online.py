@@ -60,7 +60,10 @@ ids, which order rows downstream) are ``sim<seed>-d<day>-r<i>`` rather than uuid
 daily score tables are built in sorted user order. The pipeline's interaction strengths are
 summed exactly (``interaction_matrix_v2.sql``: a parallel sum of doubles varied in its last
 bits with thread timing, which rounding to 3 decimals turned into different models), and
-two full-scale runs (36k users) with the same seed gave identical results.
+two full-scale runs (36k users) with the same seed gave identical results. Not always: of
+three seed-0 runs of the 28-day warm-up on one machine, two agreed and one diverged from the
+experiment's first retrain on (same warm-up, OPE estimates and first week; 211,359 against
+211,123 experiment rounds at the end); the cause was not found.
 
 The world continues through SIM's :class:`~featurerec.simulate.state.WorldState`: a day is
 simulated with ``advance(1, exposures)``, where ``exposures`` are the recommendations served
@@ -129,9 +132,10 @@ class OnlineConfig:
     #: exposure, with no dismissals or caps behind it, a transient the experiment, which
     #: follows the warm-up, never sees. It lasts as long as serving's dismissal cooldown
     #: (14 days): only then do dismissed features come back. In the 4-week experiment of
-    #: benchmarks/results/online.json 56% of the recommendations re-showed a feature the
-    #: user had dismissed, at ~60% of the others' CTR; a log starting 3 days in (the
-    #: earlier default) had none.
+    #: benchmarks/results/online.json more than half of the recommendations re-show a
+    #: feature the user had dismissed, at a much lower CTR (``reshown_after_dismissal``
+    #: there, next to the OPE window's share); a log starting 3 days in (the earlier
+    #: default) has almost none.
     ope_burn_in_days: int = 14
     #: Who serves the warm-up, whose log OPE reads: ``"mixture"``, a logging policy
     #: designed for OPE (each request is served uniformly at random with probability
